@@ -1,0 +1,153 @@
+"""The camera loop: grab -> preprocess -> infer -> postprocess -> results.
+
+One `CameraPipeline` per camera, each on its own thread. `run_once()` does one
+frame so tests can step it; `run(stop)` loops until the event is set. `swap()`
+replaces the model between two frames: no frame is ever served by a
+half-loaded model, and the old runner is idle when `swap` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.sources import Grabber
+from agent.stats import Histogram, RateMeter
+from engines.errors import JetagentError
+from engines.postprocess import Result
+from engines.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+STAGES = ("preprocess", "infer", "postprocess", "total")
+
+ResultSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class PipelineStats:
+    stages: dict[str, Histogram] = field(default_factory=lambda: {s: Histogram() for s in STAGES})
+    fps: RateMeter = field(default_factory=RateMeter)
+    frames: int = 0
+    errors: int = 0
+    last_error: str = ""
+    last_frame_at: float = 0.0  # time.monotonic() of the last completed frame
+
+    def window(self) -> dict[str, Any]:
+        """Per-stage latency and FPS since the last call (a report window)."""
+        n, dt = self.fps.take_window()
+        return {
+            "fps": round(n / dt, 2) if dt > 0 else 0.0,
+            "frames": n,
+            "latency_ms": {s: h.take().summary_ms() for s, h in self.stages.items()},
+        }
+
+
+class CameraPipeline:
+    def __init__(
+        self,
+        name: str,
+        grabber: Grabber,
+        runner: ModelRunner,
+        sink: ResultSink | None = None,
+        *,
+        on_error: Callable[[str, BaseException], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.grabber = grabber
+        self._runner = runner
+        self._sink = sink
+        self._on_error = on_error
+        self._frame_lock = threading.Lock()  # held for the whole of one frame
+        self.stats = PipelineStats()
+        self.last_result: Result | None = None
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self._runner
+
+    def swap(self, new_runner: ModelRunner) -> ModelRunner:
+        """Make `new_runner` serve from the next frame on; return the old one, now idle.
+
+        The caller warms the new runner up before and closes the old one after.
+        """
+        with self._frame_lock:
+            old, self._runner = self._runner, new_runner
+        log.info("camera %s: now serving %s (%s, %s)", self.name, new_runner.card.name,
+                 new_runner.backend.name, new_runner.precision)
+        return old
+
+    def run_once(self, timeout: float = 1.0) -> bool:
+        """Process the newest frame, if one comes within `timeout`. True if a frame was served."""
+        frame = self.grabber.next_frame(timeout)
+        if frame is None:
+            return False
+        with self._frame_lock:
+            runner = self._runner
+            st = self.stats.stages
+            t0 = time.perf_counter()
+            try:
+                tensor, transform = runner.preprocess(frame.image)
+                t1 = time.perf_counter()
+                outputs = runner.infer(tensor)
+                t2 = time.perf_counter()
+                result = runner.postprocess(outputs, transform)
+                t3 = time.perf_counter()
+            except JetagentError as exc:
+                self._count_error(exc)
+                return False
+            st["preprocess"].record(t1 - t0)
+            st["infer"].record(t2 - t1)
+            st["postprocess"].record(t3 - t2)
+            st["total"].record(t3 - t0)
+        self.stats.frames += 1
+        self.stats.fps.tick()
+        self.stats.last_frame_at = time.monotonic()
+        self.last_result = result
+        if self._sink is not None:
+            self._sink({
+                "camera": self.name,
+                "seq": frame.seq,
+                "ts": round(time.time(), 3),
+                "model": runner.card.name,
+                "precision": runner.precision,
+                "objects": result.to_json(runner.card.labels),
+                "latency_ms": round((t3 - t0) * 1e3, 2),
+            })
+        return True
+
+    def _count_error(self, exc: BaseException) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = str(exc)
+        if self.stats.errors <= 3 or self.stats.errors % 100 == 0:
+            log.error("camera %s: frame failed (%d so far): %s", self.name, self.stats.errors, exc)
+        if self._on_error is not None:
+            self._on_error(self.name, exc)
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve frames until `stop` is set or the source ends."""
+        while not stop.is_set():
+            if not self.run_once(timeout=0.5) and self.grabber.finished:
+                # the lossless handoff may still hold one last frame
+                while self.run_once(timeout=0.0):
+                    pass
+                break
+
+    def status(self) -> dict[str, Any]:
+        r = self._runner
+        return {
+            "camera": self.name,
+            "model": r.card.name,
+            "sha256": r.sha256,
+            "backend": r.backend.name,
+            "precision": r.precision,
+            "frames": self.stats.frames,
+            "errors": self.stats.errors,
+            "last_error": self.stats.last_error,
+            "fps_now": round(self.stats.fps.rate, 2),
+            "source": self.grabber.status(),
+        }

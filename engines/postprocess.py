@@ -1,0 +1,289 @@
+"""Post-processors behind one output contract.
+
+Whatever runtime ran the model, the camera loop, the reports and the accuracy
+gate see a `Result`: class ids and scores, and boxes in frame pixels for
+detectors. Swapping TensorRT INT8 for ONNX Runtime never touches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from engines.errors import ModelMismatch
+from engines.modelcard import ModelCard, ModelCardError
+
+
+@dataclass(frozen=True)
+class FrameTransform:
+    """Maps model-input pixel coordinates back to frame pixel coordinates."""
+
+    frame_width: int
+    frame_height: int
+    scale_x: float
+    scale_y: float
+    pad_x: float = 0.0
+    pad_y: float = 0.0
+
+    def to_frame(self, boxes_xyxy: np.ndarray) -> np.ndarray:
+        """Boxes (N,4) x1,y1,x2,y2 in model pixels -> frame pixels, clipped to the frame."""
+        out = np.empty_like(boxes_xyxy, dtype=np.float32)
+        out[:, 0::2] = (boxes_xyxy[:, 0::2] - self.pad_x) / self.scale_x
+        out[:, 1::2] = (boxes_xyxy[:, 1::2] - self.pad_y) / self.scale_y
+        np.clip(out[:, 0::2], 0, self.frame_width, out=out[:, 0::2])
+        np.clip(out[:, 1::2], 0, self.frame_height, out=out[:, 1::2])
+        return out
+
+
+@dataclass(frozen=True)
+class Result:
+    """The one output contract.
+
+    class_ids (N,) int32 and scores (N,) float32, best first. For detectors,
+    boxes (N,4) float32 x1,y1,x2,y2 in frame pixels; None for classifiers.
+    """
+
+    class_ids: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.class_ids.shape[0])
+
+    def to_json(self, labels: Sequence[str] = ()) -> list[dict[str, Any]]:
+        out = []
+        for i in range(len(self)):
+            cid = int(self.class_ids[i])
+            item: dict[str, Any] = {
+                "class_id": cid,
+                "label": labels[cid] if 0 <= cid < len(labels) else str(cid),
+                "score": round(float(self.scores[i]), 4),
+            }
+            if self.boxes is not None:
+                item["box"] = [round(float(v), 1) for v in self.boxes[i]]
+            out.append(item)
+        return out
+
+
+class Postprocessor(Protocol):
+    output_names: tuple[str, ...]
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result: ...
+
+
+def _empty_detections() -> Result:
+    return Result(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
+
+
+def _activate(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if kind == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return x
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int) -> np.ndarray:
+    """Greedy non-maximum suppression. Returns kept indices, best first."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    keep: list[int] = []
+    while order.size and len(keep) < limit:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        union = areas[i] + areas[rest] - inter
+        iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
+                iou_threshold: float, limit: int) -> np.ndarray:
+    """Per-class NMS in one pass: boxes of different classes never suppress each other."""
+    if boxes.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    span = float(boxes.max() - boxes.min()) + 1.0
+    shifted = boxes + (class_ids.astype(np.float32) * span)[:, None]
+    return nms(shifted, scores, iou_threshold, limit)
+
+
+class _Base:
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+        self.cfg = card.postprocess
+        self.where = f"model card {card.name!r}: postprocess"
+
+    def opt(self, key: str, default: Any) -> Any:
+        return self.cfg.get(key, default)
+
+    def need(self, key: str) -> Any:
+        if key not in self.cfg:
+            raise ModelCardError(f"{self.where}: {key}: missing")
+        return self.cfg[key]
+
+    def fetch(self, outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+        try:
+            return outputs[name]
+        except KeyError:
+            raise ModelMismatch(f"{self.where}: model has no output named {name!r}") from None
+
+
+class ClassificationPost(_Base):
+    """Top-k over one (1,C) logits/probabilities output."""
+
+    def __init__(self, card: ModelCard) -> None:
+        super().__init__(card)
+        self.output = str(self.opt("output", ""))
+        self.output_names = (self.output,) if self.output else ()
+        self.top_k = int(self.opt("top_k", 5))
+        self.activation = str(self.opt("score_activation", "softmax"))
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+        arr = self.fetch(outputs, self.output) if self.output else next(iter(outputs.values()))
+        logits = np.asarray(arr, dtype=np.float32).reshape(-1)
+        probs = _activate(logits, self.activation)
+        k = min(self.top_k, probs.shape[0])
+        idx = np.argpartition(-probs, k - 1)[:k]
+        idx = idx[np.argsort(-probs[idx], kind="stable")]
+        return Result(idx.astype(np.int32), probs[idx].astype(np.float32))
+
+
+class SSDPost(_Base):
+    """SSD heads (TF Object Detection API box coder): encodings + anchors -> boxes.
+
+    encodings (1,A,[1,]4) as ty,tx,th,tw; anchors (A,4) as ycenter,xcenter,h,w
+    normalised; scores (1,A,C[+1]) with an optional background column 0.
+    """
+
+    def __init__(self, card: ModelCard) -> None:
+        super().__init__(card)
+        self.boxes_name = str(self.need("boxes"))
+        self.scores_name = str(self.need("scores"))
+        self.output_names = (self.boxes_name, self.scores_name)
+        anchors_file = card.base_dir / str(self.need("anchors"))
+        try:
+            anchors = np.load(anchors_file).astype(np.float32)
+        except (OSError, ValueError) as exc:
+            raise ModelCardError(f"{self.where}: anchors: cannot load {anchors_file}: {exc}") from exc
+        if anchors.ndim != 2 or anchors.shape[1] != 4:
+            raise ModelCardError(f"{self.where}: anchors: expected shape (A,4), got {anchors.shape}")
+        self.anchors = anchors
+        scales = self.opt("box_scales", [10.0, 10.0, 5.0, 5.0])
+        self.scales = np.asarray(scales, dtype=np.float32)
+        self.activation = str(self.opt("score_activation", "sigmoid"))
+        self.background = bool(self.opt("background_class", True))
+        self.score_threshold = float(self.opt("score_threshold", 0.5))
+        self.iou_threshold = float(self.opt("iou_threshold", 0.6))
+        self.max_detections = int(self.opt("max_detections", 100))
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+        enc = np.asarray(self.fetch(outputs, self.boxes_name), dtype=np.float32).reshape(-1, 4)
+        logits = np.asarray(self.fetch(outputs, self.scores_name), dtype=np.float32)
+        logits = logits.reshape(enc.shape[0], -1)
+        if enc.shape[0] != self.anchors.shape[0]:
+            raise ModelMismatch(
+                f"{self.where}: model gives {enc.shape[0]} boxes but the card has "
+                f"{self.anchors.shape[0]} anchors"
+            )
+        scores = _activate(logits, self.activation)
+        if self.background:
+            scores = scores[:, 1:]
+        # Threshold before decoding: only a handful of the ~2k anchors survive.
+        anchor_idx, class_ids = np.nonzero(scores >= self.score_threshold)
+        if anchor_idx.size == 0:
+            return _empty_detections()
+        sel_scores = scores[anchor_idx, class_ids]
+        a = self.anchors[anchor_idx]
+        t = enc[anchor_idx] / self.scales
+        yc = t[:, 0] * a[:, 2] + a[:, 0]
+        xc = t[:, 1] * a[:, 3] + a[:, 1]
+        h = np.exp(t[:, 2]) * a[:, 2]
+        w = np.exp(t[:, 3]) * a[:, 3]
+        iw, ih = self.card.input.width, self.card.input.height
+        boxes = np.stack([(xc - w / 2) * iw, (yc - h / 2) * ih, (xc + w / 2) * iw, (yc + h / 2) * ih], axis=1)
+        # The TF Object Detection API clips to the image window before its NMS; so do we.
+        np.clip(boxes[:, 0::2], 0, iw, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, ih, out=boxes[:, 1::2])
+        keep = batched_nms(boxes, sel_scores, class_ids, self.iou_threshold, self.max_detections)
+        return Result(class_ids[keep].astype(np.int32), sel_scores[keep].astype(np.float32),
+                      transform.to_frame(boxes[keep]))
+
+
+class YoloPost(_Base):
+    """YOLOv5 (1,N,5+C: cx,cy,w,h,obj,cls...) and YOLOv8 (1,4+C,N) heads, input-pixel boxes."""
+
+    def __init__(self, card: ModelCard) -> None:
+        super().__init__(card)
+        self.version = str(self.opt("version", "v8"))
+        if self.version not in ("v5", "v8"):
+            raise ModelCardError(f"{self.where}: version: must be v5 or v8, not {self.version!r}")
+        self.output = str(self.need("output"))
+        self.output_names = (self.output,)
+        self.score_threshold = float(self.opt("score_threshold", 0.25))
+        self.iou_threshold = float(self.opt("iou_threshold", 0.45))
+        self.max_detections = int(self.opt("max_detections", 100))
+        self.num_classes = len(card.labels) or None
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+        out = np.asarray(self.fetch(outputs, self.output), dtype=np.float32)
+        if out.ndim == 3:
+            out = out[0]
+        if self.version == "v8":
+            # (4+C, N) -> (N, 4+C); exporters emit it channel-first.
+            if self.num_classes is not None and out.shape[0] == 4 + self.num_classes:
+                out = out.T
+            elif out.shape[0] < out.shape[1]:
+                out = out.T
+            cls = out[:, 4:]
+        else:
+            cls = out[:, 5:] * out[:, 4:5]
+        class_ids = cls.argmax(axis=1)
+        scores = cls[np.arange(cls.shape[0]), class_ids]
+        m = scores >= self.score_threshold
+        if not m.any():
+            return _empty_detections()
+        xywh, scores, class_ids = out[m, :4], scores[m], class_ids[m]
+        boxes = np.empty_like(xywh)
+        boxes[:, 0:2] = xywh[:, 0:2] - xywh[:, 2:4] / 2
+        boxes[:, 2:4] = xywh[:, 0:2] + xywh[:, 2:4] / 2
+        keep = batched_nms(boxes, scores, class_ids, self.iou_threshold, self.max_detections)
+        return Result(class_ids[keep].astype(np.int32), scores[keep].astype(np.float32),
+                      transform.to_frame(boxes[keep]))
+
+
+class RawPost(_Base):
+    """No decoding: the result is empty; the raw outputs are what the caller keeps."""
+
+    output_names: tuple[str, ...] = ()
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+        return Result(np.zeros(0, np.int32), np.zeros(0, np.float32))
+
+
+POSTPROCESSORS: dict[str, Callable[[ModelCard], Postprocessor]] = {
+    "classification": ClassificationPost,
+    "ssd": SSDPost,
+    "yolo": YoloPost,
+    "raw": RawPost,
+}
+
+
+def make_postprocessor(card: ModelCard) -> Postprocessor:
+    default = "classification" if card.task == "classification" else "raw"
+    kind = str(card.postprocess.get("kind", default))
+    factory = POSTPROCESSORS.get(kind)
+    if factory is None:
+        raise ModelCardError(
+            f"model card {card.name!r}: postprocess: kind: must be one of "
+            f"{', '.join(POSTPROCESSORS)}, not {kind!r}"
+        )
+    return factory(card)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlparse
 
 import cv2
@@ -197,6 +197,19 @@ class Frame:
     seq: int  # grabber's sequence number, 1-based, contiguous over delivered+dropped frames
     image: np.ndarray
     captured: float  # time.monotonic() when read
+    prepared: Prepared | None = None  # work done ahead on the grabber thread
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The result of a `Grabber.prepare` hook, tagged with who made it."""
+
+    owner: object  # identifies the function's owner (e.g. the Preprocessor) for reuse checks
+    value: Any
+    seconds: float
+
+
+PrepareHook = Callable[[np.ndarray], Prepared]
 
 
 class Grabber:
@@ -243,6 +256,9 @@ class Grabber:
         self.read_frames = 0
         self._failures: list[float] = []
         self._gave_up = False
+        # Optional work to do on each frame on this thread (the pipeline sets it to the
+        # current model's preprocessing); swapped by assignment, read once per frame.
+        self.prepare: PrepareHook | None = None
 
     # -- consumer side ------------------------------------------------------------------
     def start(self) -> None:
@@ -291,12 +307,21 @@ class Grabber:
             self._cond.notify_all()
 
     def _publish(self, image: np.ndarray) -> None:
+        prepared = None
+        hook = self.prepare
+        if hook is not None:
+            # Runs here, in parallel with the loop's inference of the previous frame.
+            # A failure is left for the loop to meet (and report) on its own thread.
+            try:
+                prepared = hook(image)
+            except Exception:
+                prepared = None
         with self._cond:
             if self.mode == "lossless":
                 while self._frame is not None and self._frame.seq > self._taken_seq and not self._stop.is_set():
                     self._cond.wait(0.5)
             self._seq += 1
-            self._frame = Frame(self._seq, image, time.monotonic())
+            self._frame = Frame(self._seq, image, time.monotonic(), prepared)
             self.read_frames += 1
             self._cond.notify_all()
 

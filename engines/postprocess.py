@@ -184,6 +184,8 @@ class SSDPost(_Base):
         self.score_threshold = float(self.opt("score_threshold", 0.5))
         self.iou_threshold = float(self.opt("iou_threshold", 0.6))
         self.max_detections = int(self.opt("max_detections", 100))
+        t = min(max(self.score_threshold, 1e-12), 1 - 1e-7)
+        self._logit_threshold = float(np.log(t / (1 - t)))
 
     def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
         enc = np.asarray(self.fetch(outputs, self.boxes_name), dtype=np.float32).reshape(-1, 4)
@@ -194,14 +196,21 @@ class SSDPost(_Base):
                 f"{self.where}: model gives {enc.shape[0]} boxes but the card has "
                 f"{self.anchors.shape[0]} anchors"
             )
-        scores = _activate(logits, self.activation)
-        if self.background:
-            scores = scores[:, 1:]
-        # Threshold before decoding: only a handful of the ~2k anchors survive.
-        anchor_idx, class_ids = np.nonzero(scores >= self.score_threshold)
+        if self.activation == "sigmoid":
+            # Threshold in logit space (sigmoid is monotonic): exp() only for the few
+            # anchors that pass, not for all ~2k of them every frame.
+            if self.background:
+                logits = logits[:, 1:]
+            anchor_idx, class_ids = np.nonzero(logits >= self._logit_threshold)
+            sel_scores = _activate(logits[anchor_idx, class_ids], "sigmoid")
+        else:
+            scores = _activate(logits, self.activation)
+            if self.background:
+                scores = scores[:, 1:]
+            anchor_idx, class_ids = np.nonzero(scores >= self.score_threshold)
+            sel_scores = scores[anchor_idx, class_ids]
         if anchor_idx.size == 0:
             return _empty_detections()
-        sel_scores = scores[anchor_idx, class_ids]
         a = self.anchors[anchor_idx]
         t = enc[anchor_idx] / self.scales
         yc = t[:, 0] * a[:, 2] + a[:, 0]
@@ -210,12 +219,13 @@ class SSDPost(_Base):
         w = np.exp(t[:, 3]) * a[:, 3]
         iw, ih = self.card.input.width, self.card.input.height
         boxes = np.stack([(xc - w / 2) * iw, (yc - h / 2) * ih, (xc + w / 2) * iw, (yc + h / 2) * ih], axis=1)
-        # The TF Object Detection API clips to the image window before its NMS; so do we.
-        np.clip(boxes[:, 0::2], 0, iw, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, ih, out=boxes[:, 1::2])
         keep = batched_nms(boxes, sel_scores, class_ids, self.iou_threshold, self.max_detections)
-        return Result(class_ids[keep].astype(np.int32), sel_scores[keep].astype(np.float32),
-                      transform.to_frame(boxes[keep]))
+        # As the TF Object Detection API does: NMS on unclipped boxes, then clip to the
+        # frame and drop boxes that end up with no area.
+        frame_boxes = transform.to_frame(boxes[keep])
+        ok = (frame_boxes[:, 2] > frame_boxes[:, 0]) & (frame_boxes[:, 3] > frame_boxes[:, 1])
+        keep = keep[ok]
+        return Result(class_ids[keep].astype(np.int32), sel_scores[keep].astype(np.float32), frame_boxes[ok])
 
 
 class YoloPost(_Base):

@@ -23,10 +23,15 @@ class Preprocessor:
 
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
-        ch = spec.channels
         # value = (p*scale - mean)/std  ==  p*a + b, folded once per spec.
-        self._a = np.array([spec.scale / s for s in spec.std], dtype=np.float32).reshape(1, 1, ch)
-        self._b = np.array([-m / s for m, s in zip(spec.mean, spec.std)], dtype=np.float32).reshape(1, 1, ch)
+        a = np.array([spec.scale / s for s in spec.std], dtype=np.float32)
+        b = np.array([-m / s for m, s in zip(spec.mean, spec.std)], dtype=np.float32)
+        # numpy broadcasting over a trailing axis of 3 runs ~25x slower than a scalar
+        # (measured: 0.40 ms vs 0.017 ms for 300x300x3), so: scalars when every channel
+        # agrees, else per-channel math on planar (CHW) data.
+        self._uniform = bool(np.all(a == a[0]) and np.all(b == b[0]))
+        self._a_scalar, self._b_scalar = np.float32(a[0]), np.float32(b[0])
+        self._a_planar, self._b_planar = a.reshape(-1, 1, 1), b.reshape(-1, 1, 1)
         self._dtype = np.dtype(spec.dtype)
 
     def __call__(self, frame: np.ndarray) -> tuple[np.ndarray, FrameTransform]:
@@ -46,16 +51,22 @@ class Preprocessor:
                 img = cv2.resize(frame, (spec.width, spec.height), interpolation=cv2.INTER_LINEAR)
             transform = FrameTransform(fw, fh, spec.width / fw, spec.height / fh)
         img = _convert_color(img, spec.color)
+        planar = spec.layout == "NCHW"
         if self._dtype == np.uint8:
-            tensor = img
-        else:
+            tensor = img.transpose(2, 0, 1) if planar else img
+        elif self._uniform:
             tensor = img.astype(np.float32)
-            tensor *= self._a
-            tensor += self._b
-            if self._dtype != np.float32:
-                tensor = tensor.astype(self._dtype)
-        if spec.layout == "NCHW":
-            tensor = np.ascontiguousarray(tensor.transpose(2, 0, 1))
+            tensor *= self._a_scalar
+            tensor += self._b_scalar
+            if planar:
+                tensor = tensor.transpose(2, 0, 1)
+        else:
+            tensor = np.ascontiguousarray(img.transpose(2, 0, 1)).astype(np.float32)
+            tensor *= self._a_planar
+            tensor += self._b_planar
+            if not planar:
+                tensor = tensor.transpose(1, 2, 0)
+        tensor = np.ascontiguousarray(tensor, dtype=self._dtype)
         return tensor[None], transform
 
 

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_models import failing_model
 
 from engines.base import Backend, BackendOptions, open_backend, resolve_factory
 from engines.errors import BackendUnavailable, InferenceError, JetagentError, ModelLoadError
 from engines.runner import open_model
+from onnx_models import failing_model
 
 
 def test_backend_runs_and_describes_itself(color_model: Path) -> None:

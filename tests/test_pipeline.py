@@ -5,11 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx_models import color_classifier, failing_model
 
 from agent.pipeline import CameraPipeline
 from agent.sources import Grabber, parse_source
 from engines.runner import open_model
+from onnx_models import color_classifier, failing_model
 
 
 def make(video: Path, model: Path, sink: Any = None, loop: bool = False) -> CameraPipeline:

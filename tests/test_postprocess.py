@@ -4,11 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_models import constant_head
 
 from engines.modelcard import ModelCardError, parse_card
 from engines.postprocess import FrameTransform, SSDPost, batched_nms, make_postprocessor, nms
 from engines.runner import open_model
+from onnx_models import constant_head
 
 IDENTITY = FrameTransform(64, 64, 1.0, 1.0)
 

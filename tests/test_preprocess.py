@@ -65,3 +65,19 @@ def test_float16_input() -> None:
 def test_bad_frames_are_a_clear_error(bad: object) -> None:
     with pytest.raises(FrameError):
         preprocess(bad, spec())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("mean, std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_fast_paths_equal_the_formula(layout: str, mean: tuple, std: tuple) -> None:
+    rng = np.random.default_rng(3)
+    frame = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    s = spec(width=40, height=30, layout=layout, mean=mean, std=std, scale=1 / 255)
+    t, _ = preprocess(frame, s)
+    rgb = frame[:, :, ::-1].astype(np.float64)
+    want = (rgb / 255 - np.array(mean)) / np.array(std)
+    if layout == "NCHW":
+        want = want.transpose(2, 0, 1)
+    assert t.flags.c_contiguous and t.dtype == np.float32
+    np.testing.assert_allclose(t[0], want, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import color_frames, write_video
 
 from agent.sources import (
     DirectoryReader,
@@ -17,6 +16,7 @@ from agent.sources import (
     parse_source,
     probe_source,
 )
+from conftest import color_frames, write_video
 
 
 @pytest.mark.parametrize("text, kind", [

@@ -8,6 +8,7 @@ against the directory of the config file.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -176,8 +177,7 @@ class _Table:
         return self._resolve(self.string(key, required=True))
 
     def _resolve(self, v: str) -> Path:
-        p = Path(v).expanduser()
-        return p if p.is_absolute() else (self.base / p)
+        return _local_path(self.base, v)
 
     def table(self, key: str) -> _Table | None:
         v = self._get(key, None, False)
@@ -187,6 +187,11 @@ class _Table:
         extra = sorted(set(self.raw) - self.used)
         if extra:
             raise self.fail(extra[0], "unknown key")
+
+
+def _local_path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
 def load_config(path: str | Path) -> Config:
@@ -261,16 +266,15 @@ def _source(t: _Table) -> str:
     # Local paths are relative to the config file; URLs, devices and pipelines are not.
     if "://" in s or s.startswith(("gst:", "/dev/")) or s.isdigit():
         return str(s)
-    p = Path(s).expanduser()
-    return str(p if p.is_absolute() else t.base / p)
+    return str(_local_path(t.base, s))
 
 
 def _results(t: _Table | None) -> ResultsConfig:
     if t is None:
         return ResultsConfig()
     out = t.string("output", "-")
-    if out not in ("-", "none") and not Path(out).is_absolute():
-        out = str(t.base / out)
+    if out not in ("-", "none"):
+        out = str(_local_path(t.base, out))
     cfg = ResultsConfig(output=out, every=t.integer("every", 1, minimum=1))
     t.done()
     return cfg

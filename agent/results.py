@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from typing import IO, Any
@@ -27,6 +28,7 @@ class JsonLinesSink:
             self._out = sys.stdout
         else:
             try:
+                os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
                 self._out = open(output, "a", encoding="utf-8", buffering=1)
             except OSError as exc:
                 raise JetagentError(f"cannot open results file {output}: {exc.strerror or exc}") from exc

@@ -125,7 +125,7 @@ def test_bench_json(color_model: Path, color_video: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     assert rep["raw"]["fps"] > 0 and rep["pipeline"]["fps"] > 0
-    assert rep["pipeline_over_raw"] == pytest.approx(rep["pipeline"]["fps"] / rep["raw"]["fps"], rel=1e-2)
+    assert rep["pipeline_over_raw"] == pytest.approx(rep["pipeline"]["fps"] / rep["raw"]["fps"], abs=2e-3)
     assert set(rep["pipeline"]["stages_ms"]) == {"preprocess", "infer", "postprocess", "total"}
     assert rep["peak_rss_mb"] > 0 and rep["backend"]["threads"] == 1
 

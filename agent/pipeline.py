@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.sources import Grabber, Prepared
+from agent.sources import Frame, Grabber, Prepared
 from agent.stats import Histogram, RateMeter
 from engines.errors import JetagentError
 from engines.postprocess import Result
@@ -67,6 +67,7 @@ class CameraPipeline:
         self._frame_lock = threading.Lock()  # held for the whole of one frame
         self.stats = PipelineStats()
         self.last_result: Result | None = None
+        self.observers: list[Callable[[Frame, Result], None]] = []
         self._install_prepare(runner)
 
     def _install_prepare(self, runner: ModelRunner) -> None:
@@ -129,6 +130,14 @@ class CameraPipeline:
         self.stats.fps.tick()
         self.stats.last_frame_at = time.monotonic()
         self.last_result = result
+        for observe in self.observers:
+            # Observers (calibration reservoir, drift) must be cheap and never block;
+            # one that fails is reported and dropped, the camera goes on.
+            try:
+                observe(frame, result)
+            except Exception:
+                log.exception("camera %s: frame observer %r failed; removed", self.name, observe)
+                self.observers.remove(observe)
         if self._sink is not None:
             self._sink({
                 "camera": self.name,

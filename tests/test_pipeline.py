@@ -73,3 +73,16 @@ def test_inference_errors_are_counted_and_the_loop_goes_on(color_video: Path, tm
     p.runner.close()
     assert p.stats.errors == 90 and p.stats.frames == 0 and len(errors) == 90
     assert "inference failed" in p.stats.last_error
+
+
+def test_observers_see_every_frame_and_a_failing_one_is_dropped(color_video: Path, color_model: Path) -> None:
+    seen: list[int] = []
+
+    def broken(frame: Any, result: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    p = make(color_video, color_model)
+    p.observers += [lambda f, r: seen.append(f.seq), broken]
+    p.run(threading.Event())
+    p.runner.close()
+    assert seen == list(range(1, 91)) and p.observers[1:] == [] and p.stats.frames == 90

@@ -7,8 +7,11 @@ detectors. Swapping TensorRT INT8 for ONNX Runtime never touches them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -137,6 +140,28 @@ class _Base:
             raise ModelMismatch(f"{self.where}: model has no output named {name!r}") from None
 
 
+def load_array(spec: Any, base_dir: Path, where: str) -> np.ndarray:
+    """A float32 array named by a card: a .npy file beside the card, or inline
+    {"dtype", "shape", "b64"} (how manifests carry it, so a model travels as one message)."""
+    if isinstance(spec, dict):
+        try:
+            raw = base64.b64decode(str(spec["b64"]), validate=True)
+            arr = np.frombuffer(raw, dtype=np.dtype(str(spec["dtype"]))).reshape([int(d) for d in spec["shape"]])
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise ModelCardError(f"{where}: bad inline array: {exc}") from exc
+        return arr.astype(np.float32)
+    path = base_dir / str(spec)
+    try:
+        return np.load(path).astype(np.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelCardError(f"{where}: cannot load {path}: {exc}") from exc
+
+
+def inline_array(arr: np.ndarray) -> dict[str, Any]:
+    a = np.ascontiguousarray(arr)
+    return {"dtype": str(a.dtype), "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode()}
+
+
 class ClassificationPost(_Base):
     """Top-k over one (1,C) logits/probabilities output."""
 
@@ -169,11 +194,7 @@ class SSDPost(_Base):
         self.boxes_name = str(self.need("boxes"))
         self.scores_name = str(self.need("scores"))
         self.output_names = (self.boxes_name, self.scores_name)
-        anchors_file = card.base_dir / str(self.need("anchors"))
-        try:
-            anchors = np.load(anchors_file).astype(np.float32)
-        except (OSError, ValueError) as exc:
-            raise ModelCardError(f"{self.where}: anchors: cannot load {anchors_file}: {exc}") from exc
+        anchors = load_array(self.need("anchors"), card.base_dir, f"{self.where}: anchors")
         if anchors.ndim != 2 or anchors.shape[1] != 4:
             raise ModelCardError(f"{self.where}: anchors: expected shape (A,4), got {anchors.shape}")
         self.anchors = anchors

@@ -138,3 +138,14 @@ def test_unknown_postprocessor_kind() -> None:
                        "postprocess": {"kind": "segmentation"}})
     with pytest.raises(ModelCardError, match="kind"):
         make_postprocessor(card)
+
+
+def test_inline_anchors_equal_the_file(tmp_path: Path) -> None:
+    from engines.postprocess import inline_array, load_array
+
+    anchors = np.random.default_rng(0).uniform(0, 1, (7, 4)).astype(np.float32)
+    np.save(tmp_path / "a.npy", anchors)
+    inline = inline_array(anchors)
+    np.testing.assert_array_equal(load_array(inline, tmp_path, "x"), load_array("a.npy", tmp_path, "x"))
+    with pytest.raises(ModelCardError, match="bad inline array"):
+        load_array({**inline, "shape": [3, 4]}, tmp_path, "x")

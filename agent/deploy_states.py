@@ -1,0 +1,59 @@
+"""The deployment state machine: states and allowed transitions, as data.
+
+Every transition is reported (retained) on {p}/dev/{id}/deploy and persisted,
+so the fleet and a restarted agent both know where a job stands.
+"""
+
+from __future__ import annotations
+
+from engines.errors import JetagentError
+
+RECEIVED = "received"
+DOWNLOADING = "downloading"
+VERIFYING = "verifying"
+CALIBRATING = "calibrating"
+BUILDING = "building"
+VALIDATING = "validating"
+ACTIVATING = "activating"
+PROBATION = "probation"
+ACTIVE = "active"
+FAILED = "failed"
+ROLLED_BACK = "rolled_back"
+CANCELLED = "cancelled"
+
+TERMINAL = frozenset({ACTIVE, FAILED, ROLLED_BACK, CANCELLED})
+
+# state -> states it may move to. A job that meets an error anywhere before the
+# swap fails and the running model keeps serving; after the swap only probation
+# decides, and its failure rolls back.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    RECEIVED: frozenset({DOWNLOADING, VERIFYING, ACTIVATING, FAILED, CANCELLED}),
+    DOWNLOADING: frozenset({VERIFYING, FAILED, CANCELLED}),
+    VERIFYING: frozenset({CALIBRATING, ACTIVATING, FAILED, CANCELLED}),
+    CALIBRATING: frozenset({BUILDING, VALIDATING, FAILED, CANCELLED}),
+    BUILDING: frozenset({VALIDATING, FAILED, CANCELLED}),
+    VALIDATING: frozenset({ACTIVATING, FAILED, CANCELLED}),
+    ACTIVATING: frozenset({PROBATION, ACTIVE, FAILED}),
+    PROBATION: frozenset({ACTIVE, ROLLED_BACK}),
+    ACTIVE: frozenset({ROLLED_BACK}),
+    FAILED: frozenset(),
+    ROLLED_BACK: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+STATES = tuple(TRANSITIONS)
+
+
+class TransitionError(JetagentError):
+    """A transition the state machine does not allow (a bug in the caller)."""
+
+
+def check_transition(current: str | None, new: str) -> None:
+    if new not in TRANSITIONS:
+        raise TransitionError(f"unknown deployment state {new!r}")
+    if current is None:
+        if new != RECEIVED:
+            raise TransitionError(f"a job starts in {RECEIVED!r}, not {new!r}")
+        return
+    if new not in TRANSITIONS[current]:
+        raise TransitionError(f"deployment cannot go from {current!r} to {new!r}")

@@ -67,6 +67,7 @@ class CameraPipeline:
         self._frame_lock = threading.Lock()  # held for the whole of one frame
         self.stats = PipelineStats()
         self.last_result: Result | None = None
+        self.last_frame: Frame | None = None  # the newest frame served (activation checks run on it)
         self.observers: list[Callable[[Frame, Result], None]] = []
         self._install_prepare(runner)
 
@@ -130,6 +131,7 @@ class CameraPipeline:
         self.stats.fps.tick()
         self.stats.last_frame_at = time.monotonic()
         self.last_result = result
+        self.last_frame = frame
         for observe in self.observers:
             # Observers (calibration reservoir, drift) must be cheap and never block;
             # one that fails is reported and dropped, the camera goes on.

@@ -27,13 +27,14 @@ class Slot:
     precision: str = "fp32"
     engine: str = ""  # path of the engine/QDQ model actually served, "" = the model itself
     job: str = ""
+    path: str = ""  # for a model outside the store (the config's bootstrap model): its file
 
     @classmethod
     def from_dict(cls, d: Any) -> Slot | None:
         if not isinstance(d, dict) or not isinstance(d.get("sha256"), str):
             return None
         return cls(sha256=d["sha256"], name=str(d.get("name", "")), precision=str(d.get("precision", "fp32")),
-                   engine=str(d.get("engine", "")), job=str(d.get("job", "")))
+                   engine=str(d.get("engine", "")), job=str(d.get("job", "")), path=str(d.get("path", "")))
 
 
 class Slots:

@@ -66,7 +66,9 @@ class OnnxRuntimeBackend:
         if options.threads > 0:
             so.intra_op_num_threads = options.threads
             so.inter_op_num_threads = 1
-        so.log_severity_level = 3  # errors only; warnings about unused initializers are noise
+        # Fatal only: a failing frame raises InferenceError with the reason, which we report
+        # (ORT would also print a multi-line coloured log for every failed frame).
+        so.log_severity_level = 4
         available = set(ort.get_available_providers())
         providers = [p for p in options.providers if p in available] or ["CPUExecutionProvider"]
         missing = [p for p in options.providers if p not in available]

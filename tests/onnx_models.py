@@ -99,3 +99,65 @@ def color_card_json(size: int = 32) -> str:
         "postprocess": {"kind": "classification", "output": "logits", "top_k": 2},
         "labels": ["red", "green", "blue"],
     })
+
+
+def slow_classifier(path: Path, size: int = 32, matmuls: int = 40, dim: int = 256) -> Path:
+    """The colour classifier plus a chain of dim x dim MatMuls whose result is multiplied
+    by zero: same answers, tens of milliseconds slower per frame (for FPS-floor tests)."""
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(10.0, np.float32), "ten"),
+        numpy_helper.from_array(np.array([1, 3], np.int64), "shape"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array((rng.standard_normal((dim, dim)) / dim).astype(np.float32), "w"),
+        numpy_helper.from_array(np.ones((dim, dim), np.float32), "seed"),
+    ]
+    nodes = [helper.make_node("ReduceMean", ["image"], ["m"], axes=[2, 3], keepdims=1),
+             helper.make_node("Reshape", ["m", "shape"], ["m2"]),
+             helper.make_node("ReduceMean", ["image"], ["g"], keepdims=0),
+             helper.make_node("Add", ["seed", "g"], ["x0"])]
+    for i in range(matmuls):
+        nodes.append(helper.make_node("MatMul", [f"x{i}", "w"], [f"x{i + 1}"]))
+    nodes += [helper.make_node("ReduceSum", [f"x{matmuls}"], ["s"], keepdims=0),
+              helper.make_node("Mul", ["s", "zero"], ["z"]),
+              helper.make_node("Add", ["m2", "z"], ["m3"]),
+              helper.make_node("Mul", ["m3", "ten"], ["logits"])]
+    graph = helper.make_graph(nodes, "slow_classifier", [inp], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    card = json.loads(color_card_json(size))
+    card["name"] = "slow-classifier"
+    return _save(model, path, card)
+
+
+def red_failing_classifier(path: Path, size: int = 32) -> Path:
+    """Serves green and blue frames; raises at inference on a red frame (an If branch
+    that reshapes to an impossible shape): passes a check on other frames, fails live."""
+    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])
+    inits = [
+        numpy_helper.from_array(np.array(10.0, np.float32), "ten"),
+        numpy_helper.from_array(np.array([1, 3], np.int64), "shape"),
+        numpy_helper.from_array(np.array([0], np.int64), "red_idx"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(np.array([7, 5], np.int64), "bad_shape"),
+    ]
+    ok_out = helper.make_tensor_value_info("ok", TensorProto.FLOAT, [1, 3])
+    bad_out = helper.make_tensor_value_info("bad", TensorProto.FLOAT, [1, 3])
+    then_g = helper.make_graph([helper.make_node("Reshape", ["m2", "bad_shape"], ["bad"])], "then", [], [bad_out])
+    else_g = helper.make_graph([helper.make_node("Identity", ["m2"], ["ok"])], "else", [], [ok_out])
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["m"], axes=[2, 3], keepdims=1),
+        helper.make_node("Reshape", ["m", "shape"], ["m2"]),
+        helper.make_node("Gather", ["m2", "red_idx"], ["red"], axis=1),
+        helper.make_node("ReduceMax", ["red"], ["redmax"], keepdims=0),
+        helper.make_node("Greater", ["redmax", "half"], ["is_red"]),
+        helper.make_node("If", ["is_red"], ["picked"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Mul", ["picked", "ten"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "red_failing", [inp], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    card = json.loads(color_card_json(size))
+    card["name"] = "red-failing-classifier"
+    return _save(model, path, card)

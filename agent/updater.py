@@ -1,0 +1,341 @@
+"""The updater: one worker thread that turns desired states into served models.
+
+desired (retained) -> signed manifest -> chunk pull -> verify -> [INT8 calibrate/build/gate]
+-> live check -> swap -> probation -> commit, or roll back. Every transition is
+reported; any failure before the swap leaves the running model serving and the
+store without partial files; after the swap only probation decides.
+
+Runs on its own thread: never on a camera thread, never in an MQTT callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import deploy_states as S
+from agent.activate import Policy, Probation, live_check
+from agent.fetch import Cancelled, Chunk, ChunkSource, Fetcher
+from agent.manifest import Manifest, parse_manifest
+from agent.pipeline import CameraPipeline
+from agent.protocol import Fields, ProtocolError, now
+from agent.signing import TrustStore, verify
+from agent.slots import Slot, Slots
+from agent.store import ModelStore
+from engines.errors import JetagentError
+from engines.modelcard import ModelCard, card_path_for, load_card
+from engines.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class Transport(ChunkSource, Protocol):
+    def manifest(self, sha256: str, timeout: float) -> bytes | None:
+        """The retained signed manifest of a model, or None if none arrives in time."""
+
+
+class Host(Protocol):
+    """What the updater needs of the agent."""
+
+    def pipelines(self) -> dict[str, CameraPipeline]: ...
+
+    def open_runner(self, model_path: str, card: ModelCard, sha256: str, precision: str) -> ModelRunner: ...
+
+
+@dataclass(frozen=True)
+class Desired:
+    job: str
+    sha256: str
+    cameras: tuple[str, ...] = ()  # empty = every camera
+    precision: str = ""  # "" = the device's configured precision
+    policy: Policy = field(default_factory=Policy)
+    source: str = "device"
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any], source: str = "device") -> Desired:
+        f = Fields(msg, "desired")
+        pol = Fields(f.obj("policy"), "desired: policy")
+        d = Policy()
+        policy = Policy(
+            probation_s=pol.number("probation_s", d.probation_s), min_fps=pol.number("min_fps", d.min_fps),
+            min_fps_ratio=pol.number("min_fps_ratio", d.min_fps_ratio),
+            max_errors=pol.integer("max_errors", d.max_errors, maximum=10**6),
+            stall_s=pol.number("stall_s", d.stall_s), check_frames=pol.integer("check_frames", 3, maximum=100),
+        )
+        cams = msg.get("cameras", [])
+        if not isinstance(cams, list) or not all(isinstance(c, str) for c in cams):
+            raise ProtocolError("desired: cameras: must be a list of camera names")
+        precision = f.text("precision", "", required=False)
+        if precision not in ("", "fp32", "fp16", "int8"):
+            raise ProtocolError("desired: precision: must be fp32, fp16 or int8")
+        return cls(job=f.text("job", max_len=128), sha256=f.sha256("model"), cameras=tuple(cams),
+                   precision=precision, policy=policy, source=source)
+
+
+class Updater:
+    def __init__(self, host: Host, store: ModelStore, slots: Slots, trust: TrustStore, transport: Transport,
+                 report: Callable[[dict[str, Any]], None], *, default_precision: str = "fp32",
+                 fetch_options: dict[str, Any] | None = None, manifest_timeout_s: float = 30.0) -> None:
+        self.host, self.store, self.slots, self.trust = host, store, slots, trust
+        self.transport, self.report = transport, report
+        self.default_precision = default_precision
+        self.fetch_options = fetch_options or {}
+        self.manifest_timeout_s = manifest_timeout_s
+        self.chunks: queue.Queue[Chunk] = queue.Queue(maxsize=1024)
+        self._jobs: queue.Queue[Desired | str] = queue.Queue()
+        self._cancel = threading.Event()
+        self._busy: Desired | None = None
+        self._lock = threading.Lock()
+        self.last: dict[str, Any] = {}
+        self.probations: list[Probation] = []
+
+    # -- called from other threads (link callbacks, commands): enqueue only ------------------
+    def submit(self, desired: Desired) -> None:
+        with self._lock:
+            if self._busy is not None and self._busy.job != desired.job:
+                self._cancel.set()  # a download or calibration in progress yields to the newer job
+        self._jobs.put(desired)
+
+    def request_rollback(self, reason: str = "operator asked for a rollback") -> None:
+        self._jobs.put(f"rollback:{reason}")
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        try:
+            self.chunks.put_nowait(chunk)
+        except queue.Full:  # the worker is behind: the chunk is re-requested after its timeout
+            log.warning("chunk inbox full; dropping chunk %d", chunk.index)
+
+    # -- the worker ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.run_once(timeout=0.5)
+
+    def run_once(self, timeout: float = 0.5) -> bool:
+        try:
+            job = self._jobs.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if isinstance(job, str):
+            self._rollback_committed(job.split(":", 1)[1])
+            return True
+        while True:  # only the newest queued desired state matters
+            try:
+                newer = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(newer, str):
+                self._jobs.put(newer)
+                break
+            job = newer
+        with self._lock:
+            self._busy = job
+            self._cancel.clear()
+        try:
+            self._deploy(job)
+        finally:
+            with self._lock:
+                self._busy = None
+        return True
+
+    def _publish(self, job: Desired, state: str, **fields: Any) -> None:
+        prev = self.last.get("state") if self.last.get("job") == job.job else None
+        S.check_transition(prev, state)
+        msg = {"v": 1, "job": job.job, "state": state, "model": job.sha256, "ts": now(), **fields}
+        if prev is not None:  # carry what earlier states learnt (name, precision, calibration)
+            msg = {**{k: v for k, v in self.last.items() if k not in ("reason", "progress")}, **msg}
+        self.last = msg
+        log.info("deploy %s: %s%s", job.job, state, f" ({fields['reason']})" if fields.get("reason") else "")
+        self.report(msg)
+        if state in S.TERMINAL:
+            self.slots.record_job(job.job, {"state": state, "reason": fields.get("reason", ""), "ts": msg["ts"]})
+
+    def _targets(self, job: Desired) -> dict[str, CameraPipeline]:
+        pipes = self.host.pipelines()
+        if not job.cameras:
+            return pipes
+        unknown = [c for c in job.cameras if c not in pipes]
+        if unknown:
+            raise JetagentError(f"no camera named {', '.join(unknown)} on this device "
+                                f"(it has {', '.join(pipes)})")
+        return {c: pipes[c] for c in job.cameras}
+
+    def _deploy(self, job: Desired) -> None:
+        done = self.slots.job_outcome(job.job)
+        if done is not None:  # a retained desired state seen again after a restart
+            log.info("deploy %s: already %s", job.job, done.get("state"))
+            return
+        self.last = {}
+        self._publish(job, S.RECEIVED, source=job.source)
+        opened: dict[str, ModelRunner] = {}
+        try:
+            targets = self._targets(job)
+            if all(p.runner.sha256 == job.sha256 for p in targets.values()):
+                self._publish(job, S.ACTIVATING)
+                self._publish(job, S.ACTIVE, reason="already serving this model")
+                return
+            manifest = self._manifest(job)
+            if not self.store.has(job.sha256):
+                self._download(job, manifest)
+            self._publish(job, S.VERIFYING, name=manifest.name)
+            card = manifest.model_card(self.store.model_dir(job.sha256))
+            precision = job.precision or self.default_precision
+            for cam in targets:
+                opened[cam] = self.host.open_runner(str(self.store.model_path(job.sha256)), card, job.sha256,
+                                                    precision)
+            self._publish(job, S.ACTIVATING, precision=next(iter(opened.values())).precision,
+                          cameras=sorted(targets))
+            for cam, runner in opened.items():
+                live_check(targets[cam], runner, job.policy)
+        except Cancelled as exc:
+            self._close(opened)
+            self._publish(job, S.CANCELLED, reason=str(exc))
+            return
+        except JetagentError as exc:
+            self._close(opened)
+            if self.store.has(job.sha256) and not self.slots.in_use() & {job.sha256}:
+                self.store.remove(job.sha256)  # a model that cannot serve here leaves nothing behind
+            self.store.discard(job.sha256)
+            self._publish(job, S.FAILED, reason=str(exc))
+            return
+        self._probation(job, targets, opened)
+
+    def _manifest(self, job: Desired) -> Manifest:
+        envelope = self.transport.manifest(job.sha256, self.manifest_timeout_s)
+        if envelope is None:
+            raise JetagentError(f"no manifest for model {job.sha256[:12]} on the broker after "
+                                f"{self.manifest_timeout_s:.0f} s (was it pushed?)")
+        manifest = parse_manifest(verify(envelope, self.trust))
+        if manifest.sha256 != job.sha256:
+            raise JetagentError(f"the manifest on {job.sha256[:12]}'s topic describes {manifest.sha256[:12]}")
+        self._envelope = envelope
+        return manifest
+
+    def _download(self, job: Desired, manifest: Manifest) -> None:
+        for other in self.store.partials():  # one download at a time: bound the disk it holds
+            if other != job.sha256:
+                self.store.discard(other)
+        download = self.store.begin(manifest, self._envelope)
+        self._publish(job, S.DOWNLOADING, name=manifest.name, size=manifest.size, progress=0.0,
+                      resumed_chunks=download.resumed_chunks)
+        while not self.chunks.empty():  # replies to an older job
+            self.chunks.get_nowait()
+
+        def progress(done: int, total: int, st: Any) -> None:
+            msg = dict(self.last, progress=round(done / total, 3), rejected_chunks=st.rejected, ts=now())
+            self.last = msg
+            self.report(msg)
+
+        fetcher = Fetcher(download, self.transport, self.chunks, progress=progress, **self.fetch_options)
+        try:
+            fetcher.run(self._cancel)
+            download.finish()
+        except JetagentError:
+            download.close()
+            raise
+        st = fetcher.stats
+        self.last.update(download={"seconds": round(st.seconds, 3), "requested": st.requested,
+                                   "rejected": st.rejected, "re_requested": st.re_requested,
+                                   "mb_per_s": round(st.bytes / 1e6 / max(st.seconds, 1e-9), 1)})
+
+    def _probation(self, job: Desired, targets: dict[str, CameraPipeline], opened: dict[str, ModelRunner]) -> None:
+        replaced: dict[str, Slot | None] = {}
+        self.probations = []
+        for cam, runner in opened.items():
+            replaced[cam] = self.slots.active(cam) or _slot_of(targets[cam].runner)
+            self.slots.set_pending(cam, Slot(job.sha256, runner.card.name, runner.precision, job=job.job))
+            self.probations.append(Probation.swap_in(targets[cam], runner, job.policy))
+        self._publish(job, S.PROBATION, probation_s=job.policy.probation_s)
+        verdicts: dict[str, str] = {}
+        while len(verdicts) < len(self.probations):
+            if self._rollback_asked():
+                for p in self.probations:
+                    p.reason = p.reason or "operator asked for a rollback"
+                verdicts = {p.pipeline.name: "fail" for p in self.probations}
+                break
+            for p in self.probations:
+                if p.pipeline.name not in verdicts:
+                    v = p.check()
+                    if v is not None:
+                        verdicts[p.pipeline.name] = v
+            if "fail" in verdicts.values():
+                break
+            time.sleep(0.1)
+        measured = {p.pipeline.name: p.measured() for p in self.probations}
+        if "fail" in verdicts.values():
+            reasons = [f"{p.pipeline.name}: {p.reason}" for p in self.probations if p.reason]
+            for p in self.probations:
+                p.rollback()
+                self.slots.clear_pending(p.pipeline.name)
+            self.probations = []
+            self._publish(job, S.ROLLED_BACK, reason="; ".join(reasons), probation=measured)
+            return
+        for p in self.probations:
+            cam = p.pipeline.name
+            self.slots.commit(cam, Slot(job.sha256, p.new.card.name, p.new.precision, job=job.job), replaced[cam])
+            p.commit()
+        self.probations = []
+        self.store.gc(self.slots.in_use())
+        self._publish(job, S.ACTIVE, probation=measured)
+
+    def _rollback_asked(self) -> bool:
+        try:
+            item = self._jobs.get_nowait()
+        except queue.Empty:
+            return False
+        if isinstance(item, str):
+            return True
+        self._jobs.put(item)  # a newer desired state waits until probation decides
+        return False
+
+    def _rollback_committed(self, reason: str) -> None:
+        """Operator rollback outside probation: serve each camera's previous slot again."""
+        pipes = self.host.pipelines()
+        job = Desired(job=f"rollback-{int(time.time())}", sha256="0" * 64, source="command")
+        swapped = []
+        for cam, pipe in pipes.items():
+            prev, cur = self.slots.previous(cam), self.slots.active(cam) or _slot_of(pipe.runner)
+            if prev is None:
+                continue
+            if self.store.has(prev.sha256):
+                model, card_file = self.store.model_path(prev.sha256), self.store.card_path(prev.sha256)
+            elif prev.path and Path(prev.path).is_file():  # the config's bootstrap model
+                model, card_file = Path(prev.path), card_path_for(prev.path)
+            else:
+                continue
+            job = replace(job, sha256=prev.sha256)
+            try:
+                runner = self.host.open_runner(str(model), load_card(card_file), prev.sha256, prev.precision)
+                live_check(pipe, runner, Policy())
+            except JetagentError as exc:
+                self.report({"v": 1, "job": job.job, "state": S.FAILED, "model": prev.sha256, "ts": now(),
+                             "reason": f"rollback of {cam} failed: {exc}"})
+                continue
+            pipe.swap(runner).close()
+            self.slots.commit(cam, prev, cur)
+            swapped.append(cam)
+        if not swapped:
+            self.report({"v": 1, "job": job.job, "state": S.FAILED, "model": job.sha256, "ts": now(),
+                         "reason": "nothing to roll back to: no camera has a previous model stored"})
+            return
+        self.last = {}
+        self._publish(job, S.RECEIVED, source="command", reason=reason)
+        self._publish(job, S.ACTIVATING, cameras=swapped)
+        self._publish(job, S.ACTIVE, reason=f"rolled back: {reason}")
+
+    @staticmethod
+    def _close(runners: dict[str, ModelRunner]) -> None:
+        for r in runners.values():
+            r.close()
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.last)
+
+
+def _slot_of(runner: ModelRunner) -> Slot:
+    return Slot(runner.sha256, runner.card.name, runner.precision, path=runner.path)

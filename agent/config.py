@@ -81,6 +81,8 @@ class FleetConfig:
     drift_interval_s: float = 60.0
     outbox_max_messages: int = 10000
     outbox_max_bytes: int = 64 * 1024 * 1024
+    reconnect_min_s: float = 1.0  # first reconnect delay; doubles (with jitter) up to reconnect_max_s
+    reconnect_max_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,12 @@ class Config:
 
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+def valid_prefix(prefix: str) -> bool:
+    """A topic prefix: no wildcards, no empty levels, no leading '$' (broker-reserved)."""
+    return bool(_PREFIX_RE.match(prefix)) and len(prefix) <= 128
 
 
 class _Table:
@@ -314,6 +322,12 @@ def _fleet(t: _Table) -> FleetConfig:
         drift_interval_s=t.number("drift_interval_s", 60.0, minimum=1.0),
         outbox_max_messages=t.integer("outbox_max_messages", 10000, minimum=1),
         outbox_max_bytes=t.integer("outbox_max_bytes", 64 * 1024 * 1024, minimum=1024),
+        reconnect_min_s=t.number("reconnect_min_s", 1.0, minimum=0.1),
+        reconnect_max_s=t.number("reconnect_max_s", 60.0, minimum=0.1),
     )
+    if cfg.reconnect_max_s < cfg.reconnect_min_s:
+        raise t.fail("reconnect_max_s", f"must be >= reconnect_min_s ({cfg.reconnect_min_s:g})")
+    if not valid_prefix(cfg.prefix):
+        raise t.fail("prefix", f"must be topic levels of A-Z a-z 0-9 _ . - separated by '/', not {cfg.prefix!r}")
     t.done()
     return cfg

@@ -62,8 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         agent.run(duration=args.duration)
     finally:
         agent.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     log.info("stopped")
     return 0
 

@@ -1,0 +1,162 @@
+"""`jetfleet`: the fleet operator's command line.
+
+    jetfleet [--broker URL] [--prefix P] [TLS and login options] status [--json]
+    jetfleet ... watch [--interval S] [--count N]
+    jetfleet ... cmd DEVICE NAME [--args JSON] [--timeout S]
+
+The broker defaults to $JETFLEET_BROKER (else mqtt://localhost:1883) and the password to
+$JETFLEET_PASSWORD, so it need not appear in `ps`. Expected failures print one line
+and exit 2; a command a device refused exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.fleet import FleetClient, FleetOptions, FleetView, format_table
+from agent.protocol import DEFAULT_PREFIX, encode
+from engines.errors import JetagentError
+
+log = logging.getLogger("jetfleet")
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def _positive(text: str) -> float:
+    v = float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return v
+
+
+def options(args: argparse.Namespace) -> FleetOptions:
+    return FleetOptions(
+        broker=args.broker, prefix=args.prefix,
+        tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_insecure=args.tls_insecure,
+        username=args.username, password=args.password or os.environ.get("JETFLEET_PASSWORD"),
+    )
+
+
+def connect(args: argparse.Namespace) -> FleetClient:
+    return FleetClient(options(args)).connect(args.connect_timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = connect(args)
+    try:
+        view = FleetView(client.topics)
+        view.subscribe(client)
+        view.settle(quiet_s=0.3, max_s=args.wait)
+        rows = view.rows()
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    client = connect(args)
+    tty = sys.stdout.isatty()
+    drawn = 0
+    try:
+        view = FleetView(client.topics)
+        view.subscribe(client)
+        view.settle(quiet_s=0.2, max_s=min(args.interval, 1.0))
+        while True:
+            rows = view.rows()
+            stamp = time.strftime("%H:%M:%S")
+            text = (f"jetfleet watch  {args.broker}  {len(rows)} device(s)  {stamp}  (Ctrl-C to stop)\n"
+                    + format_table(rows))
+            sys.stdout.write((CLEAR if tty else "") + text + ("\n" if tty else "\n\n"))
+            sys.stdout.flush()
+            drawn += 1
+            if args.count and drawn >= args.count:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+
+
+def cmd_cmd(args: argparse.Namespace) -> int:
+    try:
+        cmd_args: Any = json.loads(args.args) if args.args else {}
+    except json.JSONDecodeError as exc:
+        raise JetagentError(f"--args: not valid JSON: {exc}") from None
+    if not isinstance(cmd_args, dict):
+        raise JetagentError("--args: must be a JSON object, like '{\"camera\": \"front\"}'")
+    client = connect(args)
+    try:
+        reply = client.request(args.device, encode({"v": 1, "cmd": args.name, "args": cmd_args}), args.timeout)
+    finally:
+        client.close()
+    print(json.dumps(reply, indent=2))
+    return 0 if reply["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jetfleet", description="Watch and command a fleet of jetagent devices.")
+    p.add_argument("--version", action="version", version=f"jetfleet {__version__}")
+    p.add_argument("--broker", default=os.environ.get("JETFLEET_BROKER", "mqtt://localhost:1883"),
+                   help="mqtt://host:1883 or mqtts://host:8883 (default: $JETFLEET_BROKER or mqtt://localhost:1883)")
+    p.add_argument("--prefix", default=os.environ.get("JETFLEET_PREFIX", DEFAULT_PREFIX), help="topic prefix")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) that signed the broker's certificate")
+    p.add_argument("--tls-cert", help="client certificate (PEM), for brokers that require one")
+    p.add_argument("--tls-key", help="client private key (PEM)")
+    p.add_argument("--tls-insecure", action="store_true", help="do not check the broker's host name")
+    p.add_argument("--username")
+    p.add_argument("--password", help="(better: $JETFLEET_PASSWORD)")
+    p.add_argument("--connect-timeout", type=_positive, default=5.0, help="seconds to wait for the broker")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    st = sub.add_parser("status", help="one row per device, from retained state and the latest health")
+    st.add_argument("--json", action="store_true", help="print a JSON list of devices")
+    st.add_argument("--wait", type=_positive, default=2.0, help="most seconds to collect messages")
+    st.set_defaults(func=cmd_status)
+
+    w = sub.add_parser("watch", help="the status table, live, until Ctrl-C")
+    w.add_argument("--interval", type=_positive, default=1.0, help="seconds between redraws")
+    w.add_argument("--count", type=int, default=0, help="stop after N redraws (0 = never)")
+    w.set_defaults(func=cmd_watch)
+
+    c = sub.add_parser("cmd", help="send a command to a device and print its reply")
+    c.add_argument("device")
+    c.add_argument("name", help="ping, get-config, restart-pipeline, ...")
+    c.add_argument("--args", help="JSON object of arguments")
+    c.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait for the reply")
+    c.set_defaults(func=cmd_cmd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result: int = args.func(args)
+        return result
+    except JetagentError as exc:
+        print(f"jetfleet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,6 +69,7 @@ class FleetClient:
             configure_tls(c, TLSConfig(ca=opts.tls_ca, cert=opts.tls_cert, key=opts.tls_key,
                                        insecure=opts.tls_insecure), where="TLS")
         c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
         c.on_socket_open = lambda client, userdata, sock: set_nodelay(sock)
@@ -76,6 +77,7 @@ class FleetClient:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._connack: ReasonCode | None = None
+        self._dropped: str | None = None
         self._subacks: dict[int, threading.Event] = {}
         self._handlers: list[tuple[str, Handler]] = []
 
@@ -88,11 +90,17 @@ class FleetClient:
         except OSError as exc:
             raise FleetError(f"cannot connect to {self.opts.broker}: {exc.strerror or exc}") from exc
         self._client.loop_start()
-        if not self._connected.wait(timeout):
-            self.close()
-            if self._connack is not None:
-                raise FleetError(f"{self.opts.broker} refused the connection: {self._connack}")
-            raise FleetError(f"no answer from {self.opts.broker} within {timeout:g} s")
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self._connack is not None or self._dropped is not None or time.monotonic() > deadline:
+                self.close()
+                if self._connack is not None:
+                    raise FleetError(f"{self.opts.broker} refused the connection: {self._connack}")
+                if self._dropped is not None:
+                    hint = " (is a client certificate required?)" if self.opts.broker.startswith("mqtts") else ""
+                    raise FleetError(f"{self.opts.broker} closed the connection before accepting it: "
+                                     f"{self._dropped}{hint}")
+                raise FleetError(f"no answer from {self.opts.broker} within {timeout:g} s")
         return self
 
     def close(self) -> None:
@@ -110,6 +118,11 @@ class FleetClient:
         self._connack = reason
         if not reason.is_failure:
             self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       properties: Properties | None) -> None:
+        if not self._connected.is_set():
+            self._dropped = str(reason)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
                       properties: Properties | None) -> None:

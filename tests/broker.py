@@ -116,7 +116,11 @@ class Broker:
         acl: str | None = None,
         max_packet_size: int | None = None,
         extra: tuple[str, ...] = (),
+        config_text: str | None = None,
     ) -> None:
+        """`config_text`, if given, is a whole config file used instead of the generated one;
+        "@PORT@" and "@DIR@" in it are replaced by the port and `workdir` (pass `pki` too
+        when it sets up TLS, so `url` says mqtts)."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -147,6 +151,11 @@ class Broker:
         if max_packet_size is not None:
             lines.append(f"max_packet_size {max_packet_size}")
         lines += list(extra)
+        if config_text is not None:
+            lines = [config_text.replace("@PORT@", str(self.port)).replace("@DIR@", str(workdir)),
+                     "log_type all", f"log_dest file {self.log_path}"]
+            if os.geteuid() == 0:
+                lines.append("user root")
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
 

@@ -146,6 +146,12 @@ class FleetSession:
         self.publisher.wake()
 
     def _reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        own = self.topics.dev(self.device_id, "")
+        if topic.startswith(own) and not topic.startswith(self.topics.cmd_reply(self.device_id, "")):
+            # A response topic naming our own state/health/cmd topic would let a sender make the
+            # device write junk there (the ACL allows the device its own topics).
+            raise JetagentError(f"response topic {topic!r} is one of this device's own topics; "
+                                f"replies go under {self.topics.cmd_reply(self.device_id, '')}")
         self.link.publish(topic, payload, qos=1, correlation_data=correlation)
 
     def publish_state(self, state: str = "online") -> None:

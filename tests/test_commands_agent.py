@@ -165,6 +165,18 @@ def test_commands_without_a_response_topic_are_logged_and_harmless(rig: Rig) -> 
     assert rig.op.command(DEV, "ping")["ok"]
 
 
+def test_a_response_topic_naming_the_devices_own_topics_is_refused(rig: Rig) -> None:
+    seen: list[bytes] = []
+    rig.op.subscribe(T.state(DEV), lambda topic, body, props: seen.append(body))
+    time.sleep(0.3)
+    n = len(seen)  # the retained state
+    for own in (T.state(DEV), T.health(DEV), T.cmd(DEV)):
+        rig.send(b'{"v":1,"cmd":"ping"}', own, b"c")
+    time.sleep(1.0)
+    assert all(json.loads(b).get("state") in ("online", "offline", "lost") for b in seen[n:])
+    assert rig.agent.log().count("is one of this device's own topics") == 3
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     payload=st.one_of(

@@ -77,3 +77,29 @@ def test_an_empty_retained_state_removes_the_device() -> None:
     v.apply(T.state("gone"), state("gone"))
     v.apply(T.state("gone"), b"")
     assert v.rows() == []
+
+
+def test_the_examples_in_docs_protocol_md_pass_the_checks_readers_use() -> None:
+    """docs/protocol.md is the wire contract: its examples must be messages we accept."""
+    import re
+
+    from agent.protocol import check_health, check_reply, check_state, parse_command
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    sections = {m.group(1): m.start() for m in re.finditer(r"^## (\w[\w ]*)$", text, re.M)}
+    blocks = [(m.start(), m.group(1)) for m in re.finditer(r"```json\n(.*?)```", text, re.S)]
+
+    def in_section(name: str) -> list[str]:
+        start = sections[name]
+        end = min([p for p in sections.values() if p > start] + [len(text)])
+        return [b for pos, b in blocks if start < pos < end]
+
+    (state_example,) = in_section("State")
+    assert check_state(state_example.encode())["state"] == "online"
+    (health_example,) = in_section("Health")
+    assert check_health(health_example.encode())["seq"] == 4711
+    request, replies = in_section("Commands")
+    assert parse_command(request.encode()) == ("restart-pipeline", {"camera": "front"})
+    oks = [check_reply(line.encode())["ok"] for line in replies.strip().splitlines()]
+    assert oks == [True, False]

@@ -93,9 +93,9 @@ class CommandService:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         try:
-            self._queue.put_nowait(None)  # wake the worker now
+            self._queue.put(None, timeout=1.0)  # wake the worker now
         except queue.Full:
-            pass  # it sees the flag within its poll interval
+            pass  # a stuck handler: the thread is a daemon and sees the flag when it returns
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -110,7 +110,7 @@ class CommandService:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                msg = self._queue.get(timeout=0.5)
+                msg = self._queue.get(timeout=5.0)  # stop() wakes it with a sentinel
             except queue.Empty:
                 continue
             if msg is None:

@@ -174,6 +174,7 @@ class FleetLink:
         self.connection_id = 0
         self.last_error = ""
         self.dropped_inbound = 0
+        self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -191,6 +192,7 @@ class FleetLink:
     def stop(self, final: tuple[str, bytes] | None = None, timeout: float = 3.0) -> None:
         """Publish `final` (retained, QoS 1) if connected and wait for its PUBACK, then disconnect
         normally (so the broker does not send the will) and stop paho's thread."""
+        self._stopping = True
         if final is not None and self.connected:
             try:
                 info = self._client.publish(final[0], final[1], qos=1, retain=True)
@@ -298,7 +300,9 @@ class FleetLink:
         self._connected.clear()
         if was and reason.is_failure:  # (a refused CONNECT already said why)
             self.last_error = f"disconnected: {reason}"
-        if was:
+        if was and self._stopping:
+            log.info("fleet link: disconnected from %s", self.cfg.broker)
+        elif was:
             log.warning("fleet link: disconnected from %s (%s); reconnecting", self.cfg.broker, reason)
         self._set_backoff()
 

@@ -285,7 +285,7 @@ class OutboxPublisher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(0.5)
+            self._wake.wait(5.0)  # acks, new reports and connects wake it; this is a safety tick
             self._wake.clear()
             try:
                 self.step()

@@ -24,7 +24,8 @@ LAYER = {"engines": 0, "calibration": 1, "agent": 2}
 NEEDS_CV2 = {
     "engines.preprocess", "engines.runner", "agent.sources", "agent.pipeline", "agent.daemon",
     "agent.bench", "calibration.reservoir", "calibration.dataset", "calibration.gate",
-    "calibration.candidates", "calibration.deploy", "agent.updater", "agent.activate",
+    "calibration.candidates", "calibration.deploy", "calibration.ort_target", "calibration.trt_target",
+    "agent.updater", "agent.activate",
 }
 PAHO_ALLOWED = {"agent.link", "agent.fleetcli", "agent.fleet"}
 GPU_MODULES = ("tensorrt", "pycuda", "cuda")

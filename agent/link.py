@@ -174,6 +174,7 @@ class FleetLink:
         self.connection_id = 0
         self.last_error = ""
         self.dropped_inbound = 0
+        self.connect_failures = 0
         self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -287,6 +288,7 @@ class FleetLink:
         self.connection_id += 1
         self.info = ConnectInfo(self.connection_id, bool(flags.session_present), int(mps), int(rmax))
         self.last_error = ""
+        self.connect_failures = 0
         with self._lock:
             subs = [(t, q) for t, (q, _) in self._subs.items()]
         if subs:
@@ -307,7 +309,12 @@ class FleetLink:
         self._set_backoff()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self.connect_failures += 1
         self.last_error = self.last_error or f"cannot connect to {self.cfg.broker}"
+        n = self.connect_failures
+        if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: said, but not every few seconds for hours
+            log.warning("fleet link: cannot connect to %s (attempt %d); retrying with backoff; reports wait "
+                        "in the outbox", self.cfg.broker, n)
         self._set_backoff()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,

@@ -160,3 +160,56 @@ def test_jetfleet_errors_are_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "broker URL must look like" in proc.stderr
     proc = jetfleet("cmd", "cam-1", "ping", "--args", "[1]")
     assert proc.returncode == 2 and "--args: must be a JSON object" in proc.stderr
+
+
+def test_a_model_change_gets_its_own_report_from_the_same_single_snapshot(
+        tmp_path: Path, color_model: Path, looping_video: Path) -> None:
+    """In-process, with a recording stand-in for the fleet session (our own seam)."""
+    import threading
+
+    from agent.config import load_config
+    from agent.daemon import Agent
+    from engines.runner import open_model
+    from onnx_models import color_classifier
+
+    cfg = load_config(agent_config(tmp_path / "c", broker=None, model=color_model, video=looping_video,
+                                   interval_s=30.0))
+    agent = Agent(cfg)
+    agent.open()
+
+    class Reports:
+        def __init__(self) -> None:
+            self.got: list[tuple[str, dict]] = []
+
+        def report(self, snapshot: dict, reason: str) -> None:
+            self.got.append((reason, snapshot))
+
+        def start(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    fleet = Reports()
+    agent.fleet = fleet  # type: ignore[assignment]
+    agent.start()
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    try:
+        time.sleep(1.0)
+        assert fleet.got == []  # nothing changed, the interval is 30 s
+        pipe = agent.cameras[0].pipeline
+        new = open_model(color_classifier(tmp_path / "v2" / "color16.onnx", size=16))
+        old = pipe.swap(new)
+        deadline = time.monotonic() + 5
+        while not fleet.got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        old.close()
+    finally:
+        agent.stop_event.set()
+        runner.join(10)
+        agent.close()
+    reason, snap = fleet.got[0]
+    cam = snap["cameras"][0]
+    assert reason == "change" and cam["sha256"] == new.sha256 != old.sha256
+    assert cam["frames"] > 0 and cam["fps"] > 0  # the window since start, taken once

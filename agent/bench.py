@@ -56,7 +56,7 @@ class LoopResult:
 def read_frames(video: str, count: int) -> list[np.ndarray]:
     reader = open_reader(parse_source(video))
     try:
-        frames = []
+        frames: list[np.ndarray] = []
         while len(frames) < count:
             f = reader.read()
             if f is None:
@@ -182,4 +182,126 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("(no --video: raw loop on synthetic frames only; give --video for the pipeline)")
     lines.append(f"peak RSS {report['peak_rss_mb']:.0f} MB; {report['rounds']} alternating rounds, "
                  f"{report['duration_s']:g} s per loop")
+    return "\n".join(lines)
+
+
+@dataclass
+class PrecisionBenchOptions:
+    """`jetagent bench --precision fp32,int8[,fp16] --calib-video FILE`: each candidate vs FP32."""
+
+    model: Path
+    calib_video: str
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    card: Path | None = None
+    backend: str = "onnxruntime"
+    threads: int = 0
+    graph_optimization: str = "all"
+    calibration_frames: int = 64
+    holdout_frames: int = 48
+    split: float = 0.5  # calibrate on the first part of the video, compare on the rest
+    rounds: int = 5
+    frames_per_round: int = 10
+    warmup: int = 3
+    minimum: float = 0.95
+    metric: str = "auto"
+    min_speedup: float = 1.05
+    cache_dir: Path | None = None  # keep quantized models/plans here (default: a fresh temp dir)
+
+
+def run_precision_bench(opts: PrecisionBenchOptions) -> dict[str, Any]:
+    """Calibrate on one part of the video, then gate and time every candidate on the other
+    part, exactly as a deployment would; report them all and what the gate would serve."""
+    import tempfile
+
+    from calibration.candidates import TimingPlan
+    from calibration.dataset import set_from_video
+    from calibration.deploy import DeployConfig, deploy_model
+    from calibration.gate import GateBound
+    from engines.modelcard import card_path_for, load_card
+
+    card = load_card(opts.card or card_path_for(opts.model))
+    dataset = set_from_video(card.input, opts.calib_video, calibration=opts.calibration_frames,
+                             holdout=opts.holdout_frames, split=opts.split)
+    asked = "int8" if "int8" in opts.precisions else "fp16" if "fp16" in opts.precisions else "fp32"
+    config = DeployConfig(backend=opts.backend, precision=asked, threads=opts.threads,
+                          graph_optimization=opts.graph_optimization, min_speedup=opts.min_speedup,
+                          timing=TimingPlan(opts.rounds, opts.frames_per_round, opts.warmup), measure_fallbacks=True)
+    with tempfile.TemporaryDirectory(prefix="jetagent-bench-") as scratch:
+        state = opts.cache_dir or Path(scratch)
+        deployment = deploy_model(opts.model, card, dataset, config, GateBound(opts.minimum, opts.metric),
+                                  state_dir=state, reuse=False)
+        deployment.runner.close()
+    report = deployment.report
+    candidates = [_bench_row(c) for c in report.get("candidates", [])
+                  if c["precision"] in opts.precisions or c["precision"] == "fp32"]
+    for precision in opts.precisions:
+        if not any(c["precision"] == precision for c in candidates):
+            candidates.append({"name": precision, "precision": precision, "status": "unavailable", "passed": False,
+                               "error": f"{opts.backend} has no {precision} path on this device"})
+    fp32 = next((c for c in candidates if c["precision"] == "fp32" and c.get("latency_ms")), None)
+    for row in candidates:
+        if fp32 is not None and row.get("latency_ms"):
+            row["speedup_vs_fp32"] = round(fp32["latency_ms"]["p50"] / row["latency_ms"]["p50"], 3)
+    parts = {s.get("part") for s in dataset.sources}
+    return {
+        "model": str(opts.model), "model_name": card.name, "sha256": report.get("model_sha256"),
+        "backend": report.get("backend"), "device": report.get("device"), "threads": opts.threads,
+        "precisions": list(opts.precisions),
+        "calibration": {"video": opts.calib_video, "split": opts.split, "calibration_frames": dataset.size[0],
+                        "holdout_frames": dataset.size[1], "parts": sorted(p for p in parts if p),
+                        "content_sha256": dataset.content_hash},
+        "bound": report.get("bound"), "candidates": candidates,
+        "served": report.get("selected"), "served_precision": report.get("precision"),
+        "fallback": report.get("fallback"), "reason": report.get("reason"), "timing": report.get("timing"),
+        "seconds": report.get("seconds"),
+    }
+
+
+def _bench_row(candidate: dict[str, Any]) -> dict[str, Any]:
+    agreement = candidate.get("agreement") or {}
+    row: dict[str, Any] = {
+        "name": candidate["name"], "precision": candidate["precision"], "options": candidate.get("options", {}),
+        "profile": candidate.get("profile"), "status": candidate["status"], "passed": candidate["passed"],
+        "metric": agreement.get("metric"), "value": agreement.get("value"),
+    }
+    for key in ("precision", "recall", "reference_objects", "candidate_objects", "agreeing_frames", "frames",
+                "note"):
+        if key in agreement:
+            row["precision_vs_fp32" if key == "precision" else key] = agreement[key]
+    latency = candidate.get("latency_ms")
+    if latency:
+        row["latency_ms"] = {k: latency[k] for k in ("p50", "p90", "p99", "mean") if k in latency}
+    for key in ("error", "cache_hit", "prepare_seconds"):
+        if key in candidate:
+            row[key] = candidate[key]
+    return row
+
+
+def format_precision_table(report: dict[str, Any]) -> str:
+    cal = report["calibration"]
+    backend = report.get("backend") or {}
+    metric = (report.get("bound") or {}).get("metric", "metric")
+    lines = [
+        f"jetagent bench  {report['model_name']}  ({report['model']}, sha256 {str(report['sha256'])[:12]})",
+        f"backend {backend.get('name')} {backend.get('version')}  threads {report['threads'] or 'default'}  "
+        f"calibrated on {cal['calibration_frames']} frames of {cal['video']} (first {cal['split']:.0%}), "
+        f"compared with FP32 on {cal['holdout_frames']} held-out frames (the rest)",
+        "",
+        f"{'candidate':46}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'speedup':>9}  {metric:>14}  {'P/R':>11}  gate",
+    ]
+    for row in report["candidates"]:
+        lat = row.get("latency_ms") or {}
+        speed = f"{row['speedup_vs_fp32']:.2f}x" if "speedup_vs_fp32" in row else "-"
+        value = f"{row['value']:.3f}" if row.get("value") is not None else "-"
+        pr = (f"{row['precision_vs_fp32']:.2f}/{row['recall']:.2f}" if "recall" in row else "")
+        verdict = {"passed": "pass", "failed": "FAIL"}.get(row["status"], row["status"])
+        mark = " <- serves" if row["name"] == report["served"] else ""
+        lines.append(f"{row['name'][:45]:46}{lat.get('p50', float('nan')):8.2f}{lat.get('p90', float('nan')):8.2f}"
+                     f"{lat.get('p99', float('nan')):8.2f}{speed:>9}  {value:>14}  {pr:>11}  {verdict}{mark}")
+        if row.get("error"):
+            lines.append(f"    {row['error'][:150]}")
+    lines += ["", f"gate would serve {report['served']} ({report['served_precision']}): {report['reason']}"]
+    timing = report.get("timing") or {}
+    lines.append(f"latency: {timing.get('rounds')} alternating rounds x {timing.get('frames_per_round')} frames per "
+                 f"candidate, medians; load average {timing.get('load_average')}")
     return "\n".join(lines)

@@ -75,8 +75,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for p in precisions:
         if p not in PRECISIONS:
             raise JetagentError(f"--precision: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
-    if precisions != ["fp32"]:
-        raise JetagentError("--precision: only fp32 is available until on-device INT8 calibration lands")
+    if precisions != ["fp32"] or args.calib_video:
+        return _bench_precisions(args, precisions)
     opts = BenchOptions(
         model=Path(args.model), card=Path(args.card) if args.card else None, backend=args.backend,
         precision="fp32", threads=args.threads, graph_optimization=args.graph_optimization,
@@ -87,6 +87,79 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_table(report))
+    return 0
+
+
+def _bench_precisions(args: argparse.Namespace, precisions: list[str]) -> int:
+    """FP32 vs each INT8 (and FP16) candidate: calibrated on one part of --calib-video, gated and
+    timed on the other, as a deployment would; and which candidate the gate would serve."""
+    from agent.bench import PrecisionBenchOptions, format_precision_table, run_precision_bench
+
+    if not args.calib_video:
+        raise JetagentError(f"--precision {','.join(precisions)}: needs --calib-video FILE (frames to calibrate "
+                            "on, and held-out frames to compare with FP32)")
+    if not 0.0 < args.calib_split < 1.0:
+        raise JetagentError("--calib-split must be between 0 and 1")
+    report = run_precision_bench(PrecisionBenchOptions(
+        model=Path(args.model), calib_video=args.calib_video, precisions=tuple(dict.fromkeys(["fp32", *precisions])),
+        card=Path(args.card) if args.card else None, backend=args.backend, threads=args.threads,
+        graph_optimization=args.graph_optimization, calibration_frames=args.calib_frames,
+        holdout_frames=args.holdout_frames, split=args.calib_split, rounds=max(args.rounds, 3), warmup=args.warmup,
+        minimum=args.min_accuracy, cache_dir=Path(args.cache_dir) if args.cache_dir else None))
+    print(json.dumps(report, indent=2) if args.json else format_precision_table(report))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Collect a calibration set from the configured camera(s) through the real pipeline and
+    the frame reservoir, and store it under the state dir (where deployment looks for it)."""
+    import time
+
+    from agent.config import load_config
+    from agent.daemon import make_grabber, open_camera_model
+    from agent.pipeline import CameraPipeline
+    from calibration.dataset import CalibrationStore
+    from calibration.reservoir import FrameReservoir
+
+    config = load_config(args.config)
+    cameras = [c for c in config.cameras if args.camera in (None, c.name)]
+    if not cameras:
+        raise JetagentError(f"--camera {args.camera!r}: no such camera in {args.config} "
+                            f"(cameras: {', '.join(c.name for c in config.cameras)})")
+    if args.frames < 2:
+        raise JetagentError("--frames must be at least 2 (calibration + held-out)")
+    holdout = max(1, args.frames // 4)
+    store = CalibrationStore(config.state_dir / "calibration")
+    results, lines = [], []
+    for cam in cameras:
+        runner = open_camera_model(config, cam)
+        grabber = make_grabber(cam)
+        pipeline = CameraPipeline(cam.name, grabber, runner)
+        reservoir = FrameReservoir(runner.card.input, calibration_size=args.frames - holdout, holdout_size=holdout,
+                                   min_interval_s=args.interval, camera=cam.name)
+        pipeline.observers.append(reservoir)
+        reservoir.start()
+        grabber.start()
+        deadline = time.monotonic() + args.timeout
+        try:
+            while time.monotonic() < deadline and not reservoir.full:
+                if not pipeline.run_once(timeout=0.5) and grabber.finished:
+                    break
+        finally:
+            grabber.stop()
+            reservoir.stop()
+            runner.close()
+        if not reservoir.full:
+            log.warning("camera %s: stopped with %d+%d of %d frames (%s)", cam.name, *reservoir.counts(),
+                        args.frames, "source ended" if grabber.finished else "timeout")
+        dataset = reservoir.snapshot()
+        path = store.save(dataset)
+        results.append({"camera": cam.name, "path": str(path), "sha256": dataset.content_hash,
+                        "calibration": dataset.size[0], "holdout": dataset.size[1], "frames": pipeline.stats.frames,
+                        "reservoir": reservoir.stats.as_dict()})
+        lines.append(f"camera {cam.name}: {dataset.size[0]} calibration + {dataset.size[1]} held-out frames "
+                     f"-> {path} (sha256 {dataset.content_hash[:12]})")
+    print(json.dumps(results, indent=2) if args.json else "\n".join(lines))
     return 0
 
 
@@ -115,7 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=0, help="backend intra-op threads (0 = default)")
     bench.add_argument("--graph-optimization", choices=("disable", "basic", "extended", "all"), default="all")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--calib-video", help="with --precision int8/fp16: calibrate on the first part of this "
+                       "video and compare every candidate with FP32 on the rest")
+    bench.add_argument("--calib-frames", type=int, default=64, help="calibration frames (default 64)")
+    bench.add_argument("--holdout-frames", type=int, default=48, help="held-out comparison frames (default 48)")
+    bench.add_argument("--calib-split", type=float, default=0.5, help="fraction of the video used for calibration")
+    bench.add_argument("--min-accuracy", type=float, default=0.95, help="the gate's bound (default 0.95)")
+    bench.add_argument("--cache-dir", help="keep quantized models/engines here between runs (default: none)")
     bench.set_defaults(func=cmd_bench)
+
+    calibrate = sub.add_parser("calibrate", help="collect a calibration set from the configured camera(s)")
+    calibrate.add_argument("--config", required=True, help="TOML config file")
+    calibrate.add_argument("--frames", type=int, required=True, help="frames to keep (a quarter are held out)")
+    calibrate.add_argument("--camera", help="only this camera (default: every camera in the config)")
+    calibrate.add_argument("--interval", type=float, default=0.5, help="least seconds between kept frames")
+    calibrate.add_argument("--timeout", type=_positive, default=600.0, help="give up collecting after this long")
+    calibrate.add_argument("--json", action="store_true", help="print JSON")
+    calibrate.set_defaults(func=cmd_calibrate)
     return parser
 
 

@@ -231,10 +231,11 @@ def _describe(results: Sequence[CandidateResult]) -> str:
 
 def select(target: Target, candidates: Sequence[Candidate], reference: Observations, dataset: CalibrationSet,
            metric: str, minimum: float, *, min_speedup: float = 1.05, timing: TimingPlan | None = None,
-           progress: ProgressFn) -> Selection:
+           measure_fallbacks: bool = False, progress: ProgressFn) -> Selection:
     """Evaluate `candidates` (INT8) and the target's fallbacks; choose what serves. The chosen
-    result keeps its open runner; every other runner is closed. Raises DeployError when
-    nothing, not even the last fallback, can serve."""
+    result keeps its open runner; every other runner is closed. `measure_fallbacks` measures
+    every fallback even when INT8 passes (benchmarks); it does not change the choice.
+    Raises DeployError when nothing, not even the last fallback, can serve."""
     plan = timing or TimingPlan()
     int8 = [CandidateResult(c, "int8") for c in candidates]
     fallbacks = [CandidateResult(c, "fallback") for c in target.fallbacks()]
@@ -243,12 +244,12 @@ def select(target: Target, candidates: Sequence[Candidate], reference: Observati
         for result in int8:
             _evaluate(target, result, metric, reference, dataset, minimum, progress)
             done.append(result)
-        eager = fallbacks[:1] if target.compare_with_fallback else []
-        for result in eager:
+        baseline = fallbacks[:1] if target.compare_with_fallback else []
+        for result in fallbacks if measure_fallbacks else baseline:
             _evaluate(target, result, metric, reference, dataset, minimum, progress)
             done.append(result)
         _time(done, dataset, plan, progress)
-        chosen, reason = _choose(int8, eager, min_speedup, metric, minimum)
+        chosen, reason = _choose(int8, baseline, min_speedup, metric, minimum)
         if chosen is None:
             for result in fallbacks:
                 if result not in done:

@@ -79,6 +79,7 @@ class DeployConfig:
     min_speedup: float = 1.05
     timing: TimingPlan = field(default_factory=TimingPlan)
     trt_launcher: tuple[str, ...] | None = None
+    measure_fallbacks: bool = False  # benchmarks: also measure FP16/FP32 when INT8 passes
 
     @classmethod
     def from_backend(cls, backend: Any, **overrides: Any) -> DeployConfig:
@@ -110,6 +111,7 @@ class Deployment:
     summary: dict[str, Any]  # JSON-able: for the deploy state
     report_path: Path | None
     reused: bool  # a stored decision was reused: nothing was quantized, built or gated
+    report: dict[str, Any] = field(default_factory=dict)  # the full calibration report (not when reused)
 
 
 def make_target(config: DeployConfig, model_path: Path, card: ModelCard, sha256: str,
@@ -137,8 +139,11 @@ def _decision_fingerprint(target: Target, sha256: str, dataset: CalibrationSet |
 
 def deploy_model(model_path: str | Path, card: ModelCard, dataset: CalibrationSet | None, config: DeployConfig,
                  bound: BoundLike | None = None, *, state_dir: Path, progress: ProgressFn | None = None,
-                 model_sha256: str | None = None) -> Deployment:
-    """Choose, prepare and open the engine that serves `model_path`. See the module docstring."""
+                 model_sha256: str | None = None, reuse: bool = True) -> Deployment:
+    """Choose, prepare and open the engine that serves `model_path`. See the module docstring.
+
+    `reuse=False` decides again even when a stored decision exists (benchmarks); the
+    engine cache is still used for quantized models and plans."""
     started = time.monotonic()
     notify = safe(progress)
     path = Path(model_path)
@@ -154,7 +159,7 @@ def deploy_model(model_path: str | Path, card: ModelCard, dataset: CalibrationSe
         if gated and config.precision == "int8" else []
     decision = _decision_fingerprint(target, sha256, dataset if gated else None, config, candidates, metric,
                                      bound.minimum)
-    stored = cache.load_record(decision, DECISION_NAME)
+    stored = cache.load_record(decision, DECISION_NAME) if reuse else None
     if stored is not None:
         reused = _reuse(target, stored, candidates, notify)
         if reused is not None:
@@ -173,7 +178,8 @@ def deploy_model(model_path: str | Path, card: ModelCard, dataset: CalibrationSe
     if metric == "detection_f1" and sum(len(r) for r in reference.results) >= MIN_REFERENCE_OBJECTS:
         reference.outputs = []  # F1 decides; don't hold every candidate's raw outputs
     selection = select(target, candidates, reference, dataset, metric, bound.minimum,
-                       min_speedup=config.min_speedup, timing=config.timing, progress=notify)
+                       min_speedup=config.min_speedup, timing=config.timing,
+                       measure_fallbacks=config.measure_fallbacks, progress=notify)
     if config.precision == "fp16" and not any(r.candidate.precision == "fp16" for r in selection.results):
         selection.reason = f"{target.backend} has no FP16 path on this device; {selection.reason}"
     return _finish(target, selection, config, dataset, decision, cache, notify, started)
@@ -232,7 +238,7 @@ def _finish(target: Target, selection: Selection, config: DeployConfig, dataset:
     _warm_up(runner, dataset)
     log.info("serving %s (%s): %s", chosen.candidate.name, chosen.candidate.precision, selection.reason)
     return Deployment(runner=runner, engine_path=prepared.artifact, precision=runner.precision, summary=summary,
-                      report_path=report_path, reused=False)
+                      report_path=report_path, reused=False, report=report)
 
 
 def _write_reports(cache: EngineCache, decision: Fingerprint, artifact: Path, report: Mapping[str, Any]) -> Path:

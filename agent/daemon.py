@@ -244,9 +244,9 @@ class Agent:
                 raise JetagentError("the agent is stopping")
             old = cam.pipeline.grabber
             new = make_grabber(cam.config)
-            hook = getattr(old, "prepare", None)  # per-frame preprocessing hook, where grabbers have one
-            if hook is not None:
-                setattr(new, "prepare", hook)  # noqa: B010 - not every Grabber version declares it
+            # The model's preprocessing runs on the grabber thread; a frame prepared by a stale
+            # hook (a swap racing this) is recognised by the pipeline and preprocessed again.
+            new.prepare = old.prepare
             new.start()
             cam.pipeline.grabber = new
             cam.dropped_before += old.dropped

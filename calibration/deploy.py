@@ -172,11 +172,12 @@ def deploy_model(model_path: str | Path, card: ModelCard, dataset: CalibrationSe
     reference_runner = open_model(path, card=card, backend="onnxruntime", sha256=sha256,
                                   options=BackendOptions(threads=config.threads, graph_optimization="all"))
     try:
-        reference = observe(reference_runner, dataset, keep_outputs=True)
+        # Raw outputs are kept only when cosine decides: a YOLO head's outputs on 48 frames are ~130 MB.
+        reference = observe(reference_runner, dataset, keep_outputs=metric == "cosine")
+        if metric == "detection_f1" and sum(len(r) for r in reference.results) < MIN_REFERENCE_OBJECTS:
+            reference = observe(reference_runner, dataset, keep_outputs=True)  # F1 would say nothing
     finally:
         reference_runner.close()
-    if metric == "detection_f1" and sum(len(r) for r in reference.results) >= MIN_REFERENCE_OBJECTS:
-        reference.outputs = []  # F1 decides; don't hold every candidate's raw outputs
     selection = select(target, candidates, reference, dataset, metric, bound.minimum,
                        min_speedup=config.min_speedup, timing=config.timing,
                        measure_fallbacks=config.measure_fallbacks, progress=notify)

@@ -60,7 +60,7 @@ class Prepared:
     """A candidate made ready: the file to open and how it came to be."""
 
     artifact: Path
-    cache_hit: bool
+    cache_hit: bool  # nothing had to be quantized or built this time
     seconds: float
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -186,17 +186,17 @@ def time_runners(runners: Mapping[str, ModelRunner], tensors: Sequence[np.ndarra
 
 
 def _evaluate(target: Target, result: CandidateResult, metric: str, reference: Observations,
-              dataset: CalibrationSet, minimum: float, progress: ProgressFn) -> None:
+              dataset: CalibrationSet, minimum: float, progress: ProgressFn, fraction: float | None = None) -> None:
     name = result.candidate.name
     try:
         progress(ProgressEvent("quantize" if result.candidate.precision == "int8" else "build",
-                               f"preparing {name}", name))
+                               f"preparing {name}", name, fraction))
         result.prepared = target.prepare(result.candidate, progress)
         result.runner = target.open(result.candidate, result.prepared)
         progress(ProgressEvent("gate", f"comparing {name} with FP32 on {dataset.size[1]} held-out frames", name))
         observed = observe(result.runner, dataset, keep_outputs=bool(reference.outputs))
         result.agreement = compare(metric, reference, observed)
-    except JetagentError as exc:
+    except (JetagentError, OSError) as exc:  # OSError: a full disk fails this candidate, not the deployment
         result.status, result.error = "error", str(exc)
         log.warning("candidate %s: %s", name, exc)
         if result.runner is not None:
@@ -241,12 +241,10 @@ def select(target: Target, candidates: Sequence[Candidate], reference: Observati
     fallbacks = [CandidateResult(c, "fallback") for c in target.fallbacks()]
     done: list[CandidateResult] = []
     try:
-        for result in int8:
-            _evaluate(target, result, metric, reference, dataset, minimum, progress)
-            done.append(result)
         baseline = fallbacks[:1] if target.compare_with_fallback else []
-        for result in fallbacks if measure_fallbacks else baseline:
-            _evaluate(target, result, metric, reference, dataset, minimum, progress)
+        eager = int8 + (fallbacks if measure_fallbacks else baseline)
+        for index, result in enumerate(eager):
+            _evaluate(target, result, metric, reference, dataset, minimum, progress, index / (len(eager) + 1))
             done.append(result)
         _time(done, dataset, plan, progress)
         chosen, reason = _choose(int8, baseline, min_speedup, metric, minimum)

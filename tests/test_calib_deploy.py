@@ -137,20 +137,25 @@ def test_a_candidate_that_cannot_be_made_is_reported_and_the_rest_go_on(
     model, card, dataset = classifier
     real = ort_target.export_qdq
     broken = cpu_profile("percentile", percentile=99.0)
+    full_disk = cpu_profile("percentile", percentile=98.0)
 
     def export(model_path: Path, out: Path, data: CalibrationSet, profile: Any) -> Any:
         if profile == broken:
             raise QuantizationError("quantizer crashed")
+        if profile == full_disk:
+            raise OSError(28, "No space left on device")
         return real(model_path, out, data, profile)
 
     monkeypatch.setattr(ort_target, "export_qdq", export)
-    candidates = (ort_candidate(broken, "all"), MINMAX)
+    candidates = (ort_candidate(broken, "all"), ort_candidate(full_disk, "all"), MINMAX)
     d = deploy_model(model, card, dataset, config(candidates=candidates), None, state_dir=tmp_path,
                      progress=lambda e: 1 / 0)  # a broken progress callback is ignored too
     close(d)
-    first, second = d.summary["candidates"][:2]
+    first, second, third = d.summary["candidates"][:3]
     assert (first["status"], first["error"]) == ("error", "quantizer crashed")
-    assert second["status"] == "passed" and d.summary["candidate"] == MINMAX.name
+    assert second["status"] == "error" and "No space left on device" in second["error"]
+    assert third["status"] == "passed" and d.summary["candidate"] == MINMAX.name
+    assert not [p for p in (tmp_path / "engines").iterdir() if p.name.startswith(".")], "no half-built entries"
 
 
 def test_bounds_metrics_and_sets_must_fit(classifier: tuple[Path, ModelCard, CalibrationSet], tmp_path: Path) -> None:

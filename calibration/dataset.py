@@ -92,6 +92,7 @@ class CalibrationSet:
 
     @property
     def spec_hash(self) -> str:
+        """sha256 of the input spec the set was made for."""
         return spec_hash(self.spec)
 
     @property

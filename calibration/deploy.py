@@ -94,6 +94,7 @@ class DeployConfig:
         return cls(**{**fields, **overrides})
 
     def validate(self) -> None:
+        """Raise JetagentError / BackendUnavailable for an unknown precision or backend."""
         if self.precision not in PRECISIONS:
             raise JetagentError(f"deploy precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.backend not in TARGETS:

@@ -111,6 +111,7 @@ class Fingerprint:
 
     @property
     def key(self) -> str:
+        """sha256 (hex) of the canonical JSON of every field."""
         return hashlib.sha256(dumps(self.to_dict())).hexdigest()
 
 
@@ -135,6 +136,7 @@ Producer = Callable[[Path], Mapping[str, Any]]
 
 
 def sidecar_for(artifact: Path) -> Path:
+    """`engine.plan` -> `engine.plan.cache.json`: the cache record beside the artifact."""
     return artifact.with_name(artifact.name + ".cache.json")
 
 
@@ -145,6 +147,7 @@ class EngineCache:
         self.root = Path(root)
 
     def entry_dir(self, fingerprint: Fingerprint) -> Path:
+        """The directory an entry for `fingerprint` lives in (whether or not it exists)."""
         return self.root / fingerprint.key[:24]
 
     def lookup(self, fingerprint: Fingerprint, artifact_name: str) -> CacheEntry | None:

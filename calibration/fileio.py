@@ -50,6 +50,7 @@ def dumps(obj: Any) -> bytes:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """`obj` as sorted, indented JSON, written atomically."""
     atomic_write_bytes(path, dumps(obj))
 
 

@@ -73,6 +73,7 @@ class Agreement:
     note: str = ""
 
     def passes(self, minimum: float) -> bool:
+        """True when the value is a number at least `minimum` (NaN never passes)."""
         return math.isfinite(self.value) and self.value >= minimum
 
     def to_dict(self) -> dict[str, Any]:

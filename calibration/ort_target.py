@@ -34,6 +34,7 @@ QDQ_NAME = "model.qdq.onnx"
 
 
 def ort_version() -> str:
+    """The installed onnxruntime's version (part of cache keys)."""
     try:
         import onnxruntime
     except ImportError as exc:

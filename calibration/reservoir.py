@@ -210,6 +210,7 @@ class FrameReservoir:
     # ---- results ------------------------------------------------------------------------------
     @property
     def full(self) -> bool:
+        """True once both parts hold as many samples as they have room for."""
         with self._lock:
             return (len(self._calibration.tensors) >= self._calibration.capacity
                     and len(self._holdout.tensors) >= self._holdout.capacity)

@@ -82,6 +82,7 @@ def probe(device_index: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`build REQUEST.json` or `probe [--device N]`; see the module docstring for the protocol."""
     from engines.errors import JetagentError
 
     parser = argparse.ArgumentParser(prog="python -m calibration.trt_child")

@@ -137,7 +137,7 @@ class Fetcher:
     def _top_up(self, sha: str, todo: collections.deque[int], outstanding: dict[int, float], now: float) -> None:
         while todo and len(outstanding) < self.window:
             n = min(self.batch, self.window - len(outstanding))
-            indices = []
+            indices: list[int] = []
             while todo and len(indices) < n:
                 i = todo.popleft()
                 if not self.d.bitmap[i] and i not in outstanding:

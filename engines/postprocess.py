@@ -120,6 +120,8 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
 
 
 class _Base:
+    output_names: tuple[str, ...] = ()
+
     def __init__(self, card: ModelCard) -> None:
         self.card = card
         self.cfg = card.postprocess
@@ -293,8 +295,6 @@ class YoloPost(_Base):
 
 class RawPost(_Base):
     """No decoding: the result is empty; the raw outputs are what the caller keeps."""
-
-    output_names: tuple[str, ...] = ()
 
     def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
         return Result(np.zeros(0, np.int32), np.zeros(0, np.float32))

@@ -61,6 +61,17 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """How the agent collects a calibration set from its own camera when a deployment needs one."""
+
+    frames: int = 64  # calibration samples
+    holdout: int = 32  # held-out samples the accuracy gate runs on
+    min_interval_s: float = 0.2  # at most one sample per interval (spread over time)
+    collect_timeout_s: float = 300.0  # give up (and serve FP32, saying why) after this long
+    min_frames: int = 16  # fewer calibration samples than this: no INT8
+
+
+@dataclass(frozen=True)
 class TLSConfig:
     ca: Path | None = None
     cert: Path | None = None
@@ -83,6 +94,8 @@ class FleetConfig:
     outbox_max_bytes: int = 64 * 1024 * 1024
     reconnect_min_s: float = 1.0  # first reconnect delay; doubles (with jitter) up to reconnect_max_s
     reconnect_max_s: float = 60.0
+    groups: tuple[str, ...] = ()  # group desired states this device follows (its own one wins)
+    max_model_bytes: int = 2 * 1024**3  # the store refuses bigger models
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     fleet: FleetConfig | None = None
     log_level: str = "info"
     path: Path | None = None  # the file it was read from
@@ -226,6 +240,7 @@ def parse_config(raw: Mapping[str, Any], base: Path = Path(".")) -> Config:
     backend = _backend(top.table("backend"))
     results = _results(top.table("results"))
     health = _health(top.table("health"))
+    calibration = _calibration(top.table("calibration"))
     fleet_t = top.table("fleet")
     fleet = _fleet(fleet_t) if fleet_t is not None else None
     cams_raw = top._get("cameras", None, True)
@@ -238,7 +253,8 @@ def parse_config(raw: Mapping[str, Any], base: Path = Path(".")) -> Config:
             raise ConfigError(f"cameras[{i}].name: duplicate camera name {n!r}")
     top.done()
     return Config(device_id=device_id, state_dir=state_dir, cameras=cameras, backend=backend,
-                  results=results, health=health, fleet=fleet, log_level=log_level)
+                  results=results, health=health, calibration=calibration, fleet=fleet,
+                  log_level=log_level)
 
 
 def _backend(t: _Table | None) -> BackendConfig:
@@ -288,6 +304,20 @@ def _results(t: _Table | None) -> ResultsConfig:
     return cfg
 
 
+def _calibration(t: _Table | None) -> CalibrationConfig:
+    if t is None:
+        return CalibrationConfig()
+    cfg = CalibrationConfig(
+        frames=t.integer("frames", 64, minimum=1), holdout=t.integer("holdout", 32, minimum=1),
+        min_interval_s=t.number("min_interval_s", 0.2), collect_timeout_s=t.number("collect_timeout_s", 300.0),
+        min_frames=t.integer("min_frames", 16, minimum=1),
+    )
+    if cfg.min_frames > cfg.frames:
+        raise t.fail("min_frames", f"must be <= frames ({cfg.frames})")
+    t.done()
+    return cfg
+
+
 def _health(t: _Table | None) -> HealthConfig:
     if t is None:
         return HealthConfig()
@@ -318,13 +348,18 @@ def _fleet(t: _Table) -> FleetConfig:
         tls=tls,
         keepalive_s=t.integer("keepalive_s", 30, minimum=5),
         session_expiry_s=t.integer("session_expiry_s", 7 * 24 * 3600),
-        trusted_keys=t.strings("trusted_keys"),
+        trusted_keys=tuple(str(_local_path(t.base, k)) for k in t.strings("trusted_keys")),
         drift_interval_s=t.number("drift_interval_s", 60.0, minimum=1.0),
         outbox_max_messages=t.integer("outbox_max_messages", 10000, minimum=1),
         outbox_max_bytes=t.integer("outbox_max_bytes", 64 * 1024 * 1024, minimum=1024),
         reconnect_min_s=t.number("reconnect_min_s", 1.0, minimum=0.1),
         reconnect_max_s=t.number("reconnect_max_s", 60.0, minimum=0.1),
+        groups=t.strings("groups"),
+        max_model_bytes=t.integer("max_model_bytes", 2 * 1024**3, minimum=1024),
     )
+    for g in cfg.groups:
+        if not _ID_RE.match(g):
+            raise t.fail("groups", f"group names are 1-64 of A-Z a-z 0-9 _ . -, not {g!r}")
     if cfg.reconnect_max_s < cfg.reconnect_min_s:
         raise t.fail("reconnect_max_s", f"must be >= reconnect_min_s ({cfg.reconnect_min_s:g})")
     if not valid_prefix(cfg.prefix):

@@ -21,25 +21,22 @@ from typing import IO, TYPE_CHECKING, Any
 from agent.config import CameraConfig, Config
 from agent.pipeline import CameraPipeline
 from agent.results import JsonLinesSink
+from agent.sdnotify import Notifier
+from agent.serving import Serving, backend_options
 from agent.sources import Grabber, parse_source, probe_source
-from engines.base import BackendOptions
 from engines.errors import JetagentError
 from engines.runner import ModelRunner, open_model
 
 if TYPE_CHECKING:
+    from agent.delivery import DeviceDelivery
     from agent.reporting import FleetSession
 
 log = logging.getLogger(__name__)
 
 
-def backend_options(config: Config) -> BackendOptions:
-    b = config.backend
-    return BackendOptions(threads=b.threads, providers=b.providers,
-                          graph_optimization=b.graph_optimization, precision=b.precision)
-
-
 def open_camera_model(config: Config, cam: CameraConfig) -> ModelRunner:
-    return open_model(cam.model, card=cam.card, backend=config.backend.name, options=backend_options(config))
+    return open_model(cam.model, card=cam.card, backend=config.backend.name,
+                      options=backend_options(config, "fp32"))
 
 
 def make_grabber(cam: CameraConfig) -> Grabber:
@@ -93,6 +90,9 @@ class Agent:
         self.cameras: list[_Camera] = []
         self.started_at = time.time()
         self.fleet: FleetSession | None = None
+        self.delivery: DeviceDelivery | None = None
+        self.serving = Serving(config, self.pipelines)
+        self.notifier = Notifier()
         self._restart_lock = threading.Lock()
         self._snapshot_at = time.monotonic()
         self._identity: list[tuple[str, str, str, str]] = []
@@ -100,20 +100,66 @@ class Agent:
     def open(self) -> None:
         """Open every model and source. Raises JetagentError; leaves nothing open on failure."""
         try:
+            if self.config.fleet is not None:
+                self._open_store()
             for cam in self.config.cameras:
                 spec = parse_source(cam.source)
                 if not spec.is_live:
                     probe_source(cam.source)  # an unreadable video is a config error, said now
-                runner = open_camera_model(self.config, cam)
+                runner = self.serving.initial_runner(cam)
                 pipe = CameraPipeline(cam.name, make_grabber(cam), runner, self.sink)
                 self.cameras.append(_Camera(cam, pipe))
             if self.config.fleet is not None:
                 from agent.reporting import FleetSession
 
                 self.fleet = FleetSession(self.config, self)
+                self.delivery = self._make_delivery(self.fleet)
         except JetagentError:
             self.close()
             raise
+
+    def _open_store(self) -> None:
+        from agent.slots import Slots
+        from agent.store import ModelStore
+
+        fleet = self.config.fleet
+        if fleet is None:
+            return
+        try:
+            self.serving.store = ModelStore(self.config.state_dir, fleet.max_model_bytes)
+            self.serving.slots = Slots(self.config.state_dir / "slots.json")
+        except (OSError, ValueError) as exc:
+            raise JetagentError(f"state_dir {self.config.state_dir}: cannot keep models there: {exc}") from exc
+
+    def _make_delivery(self, session: FleetSession) -> DeviceDelivery:
+        from agent.delivery import DeviceDelivery
+        from agent.signing import TrustStore
+        from agent.updater import Updater
+
+        fleet = session.fleet
+        trust = TrustStore.from_files(list(fleet.trusted_keys))
+        if not trust.keys:
+            log.warning("fleet: no trusted_keys configured: every pushed model will be refused")
+        store, slots = self.serving.store, self.serving.slots
+        if store is None or slots is None:
+            raise JetagentError("internal: the model store is not open")
+
+        def make_updater(transport: Any, report: Any) -> Updater:
+            return Updater(self.serving, store, slots, trust, transport, report,
+                           default_precision=self.config.backend.precision)
+
+        delivery = DeviceDelivery(session.link, session.topics, self.config.device_id, fleet.groups, make_updater)
+
+        def rollback(args: Any) -> dict[str, Any]:
+            reason = args.get("reason", "operator asked for a rollback") if isinstance(args, dict) else ""
+            delivery.updater.request_rollback(str(reason)[:200])
+            return {"queued": True}
+
+        session.commands.router.register("rollback", rollback, "serve each camera's previous model again")
+        return delivery
+
+    def pipelines(self) -> dict[str, CameraPipeline]:
+        return {c.config.name: c.pipeline for c in self.cameras}
 
     def start(self) -> None:
         for cam in self.cameras:
@@ -122,6 +168,8 @@ class Agent:
                                           daemon=True)
             cam.thread.start()
         self._snapshot_at = time.monotonic()
+        if self.delivery is not None:
+            self.delivery.start()
         if self.fleet is not None:
             self.fleet.start()
 
@@ -157,10 +205,12 @@ class Agent:
         next_health = time.monotonic() + interval
         last_change = 0.0
         self._identity = self.identity()
+        watchdog = _Watchdog(self, self.notifier)
         while not self.stop_event.is_set() and self.running:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
+            watchdog.tick(now)
             wake = min(next_health, deadline) if deadline is not None else next_health
             self.stop_event.wait(max(0.0, min(wake - now, 0.25)))
             now = time.monotonic()
@@ -263,6 +313,8 @@ class Agent:
         }
 
     def stop(self) -> None:
+        if not self.stop_event.is_set():
+            self.notifier.stopping()
         self.stop_event.set()
         with self._restart_lock:  # no grabber is being replaced while they stop
             for cam in self.cameras:
@@ -273,9 +325,55 @@ class Agent:
 
     def close(self) -> None:
         self.stop()
+        probations = []
+        if self.delivery is not None:
+            self.delivery.stop()
+            probations = self.delivery.updater.probations
+            self.delivery = None
+        for p in probations:  # stopped mid-probation: the pipeline holds the new runner
+            p.old.close()
         if self.fleet is not None:
             self.fleet.close()  # says "offline" (retained) before disconnecting
             self.fleet = None
         for cam in self.cameras:
             cam.pipeline.runner.close()
         self.sink.close()
+
+
+class _Watchdog:
+    """systemd: READY=1 after the first good frame (or a grace period with no camera),
+    WATCHDOG=1 only while no camera is hung. A camera is hung when its grabber has a
+    frame waiting and the loop completed none for a whole ping interval; a camera that
+    is merely disconnected is not hung (the agent keeps running and reconnects)."""
+
+    READY_GRACE_S = 60.0
+
+    def __init__(self, agent: Agent, notifier: Notifier) -> None:
+        self.agent, self.n = agent, notifier
+        self.started = time.monotonic()
+        self.ready = False
+        self.interval = notifier.watchdog_interval_s
+        self.last_ping = 0.0
+        self.frames_at_ping: dict[str, int] = {}
+
+    def tick(self, now: float) -> None:
+        if not self.n.enabled:
+            return
+        cams = self.agent.cameras
+        if not self.ready:
+            served = sum(c.pipeline.stats.frames for c in cams)
+            if served or now - self.started > self.READY_GRACE_S:
+                self.ready = True
+                self.n.ready(f"{len(cams)} camera(s), {served} frame(s) served" if served
+                             else "no camera has delivered a frame yet")
+        if self.interval and now - self.last_ping >= self.interval:
+            hung = [c.config.name for c in cams
+                    if c.pipeline.grabber.pending
+                    and c.pipeline.stats.frames == self.frames_at_ping.get(c.config.name, -1)]
+            if hung:
+                log.error("camera(s) %s hung: no frame completed in %.0f s; not pinging the watchdog",
+                          ", ".join(hung), self.interval)
+            else:
+                self.n.watchdog()
+            self.last_ping = now
+            self.frames_at_ping = {c.config.name: c.pipeline.stats.frames for c in cams}

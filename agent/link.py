@@ -241,17 +241,28 @@ class FleetLink:
             self._client.subscribe(topic_filter, qos)
 
     # -- publishing ---------------------------------------------------------------------
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop delivering `topic_filter` (and stop re-subscribing it on connect)."""
+        with self._lock:
+            known = self._subs.pop(topic_filter, None) is not None
+        if known and self.connected:
+            self._client.unsubscribe(topic_filter)
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
-                on_ack: AckCallback | None = None, correlation_data: bytes | None = None) -> None:
+                on_ack: AckCallback | None = None, correlation_data: bytes | None = None,
+                response_topic: str | None = None) -> None:
         """Hand one message to paho. `on_ack(reason_code)` runs on paho's thread at PUBACK.
 
         Raises PacketTooLarge over the broker's limit, LinkError when paho refuses it.
         While disconnected, QoS 1 messages wait in paho's bounded queue.
         """
         props = None
-        if correlation_data is not None:
+        if correlation_data is not None or response_topic is not None:
             props = Properties(PacketTypes.PUBLISH)
-            props.CorrelationData = correlation_data
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
         size = publish_packet_size(topic, payload, qos, props)
         if size > self.max_packet_size:
             raise PacketTooLarge(f"a {size}-byte publish to {topic} is over the broker's maximum packet size "

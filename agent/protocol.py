@@ -221,13 +221,13 @@ class Inbound:
 
 def state_message(*, device_id: str, state: str, boot: int, connects: int, agent_version: str,
                   interval_s: float, cameras: list[dict[str, Any]], summary: Mapping[str, Any],
-                  ts: float | None = None) -> dict[str, Any]:
+                  ts: float | None = None, groups: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """The retained `{p}/dev/{id}/state` body (also the will, with state "lost")."""
     if state not in DEVICE_STATES:
         raise ValueError(f"state must be one of {DEVICE_STATES}, not {state!r}")
     return {"v": VERSION, "device_id": device_id, "state": state, "boot": boot, "connects": connects,
             "agent_version": agent_version, "interval_s": interval_s, "ts": now() if ts is None else ts,
-            "cameras": cameras, "summary": dict(summary)}
+            "cameras": cameras, "summary": dict(summary), "groups": list(groups)}
 
 
 def check_state(payload: bytes) -> dict[str, Any]:

@@ -139,7 +139,7 @@ class FleetSession:
         return state_message(device_id=self.device_id, state=state, boot=self.boot,
                              connects=self.link.connection_id if connects is None else connects,
                              agent_version=__version__, interval_s=self.config.health.interval_s,
-                             cameras=self._cameras, summary=self._summary, ts=ts)
+                             cameras=self._cameras, summary=self._summary, ts=ts, groups=self.fleet.groups)
 
     def _on_connected(self, info: ConnectInfo) -> None:
         self.publish_state()

@@ -28,13 +28,17 @@ class Slot:
     engine: str = ""  # path of the engine/QDQ model actually served, "" = the model itself
     job: str = ""
     path: str = ""  # for a model outside the store (the config's bootstrap model): its file
+    accuracy_min: float = 0.95  # the bound it was gated with (reopening reuses that decision)
+    accuracy_metric: str = "auto"
 
     @classmethod
     def from_dict(cls, d: Any) -> Slot | None:
         if not isinstance(d, dict) or not isinstance(d.get("sha256"), str):
             return None
         return cls(sha256=d["sha256"], name=str(d.get("name", "")), precision=str(d.get("precision", "fp32")),
-                   engine=str(d.get("engine", "")), job=str(d.get("job", "")), path=str(d.get("path", "")))
+                   engine=str(d.get("engine", "")), job=str(d.get("job", "")), path=str(d.get("path", "")),
+                   accuracy_min=float(d.get("accuracy_min", 0.95)),
+                   accuracy_metric=str(d.get("accuracy_metric", "auto")))
 
 
 class Slots:

@@ -281,6 +281,12 @@ class Grabber:
             return frame
 
     @property
+    def pending(self) -> bool:
+        """A frame is waiting that the loop has not taken."""
+        with self._cond:
+            return self._frame is not None and self._frame.seq > self._taken_seq
+
+    @property
     def finished(self) -> bool:
         """True once the source ended (a file without loop) or the grabber stopped."""
         return self._gave_up or self.state in ("ended", "stopped")

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from agent import deploy_states as S
 from agent.activate import Policy, Probation, live_check
 from agent.fetch import Cancelled, Chunk, ChunkSource, Fetcher
-from agent.manifest import Manifest, parse_manifest
+from agent.manifest import AccuracyBound, Manifest, parse_manifest
 from agent.pipeline import CameraPipeline
 from agent.protocol import Fields, ProtocolError, now
 from agent.signing import TrustStore, verify
@@ -40,12 +40,22 @@ class Transport(ChunkSource, Protocol):
         """The retained signed manifest of a model, or None if none arrives in time."""
 
 
+StageFn = Callable[..., None]  # stage(state, **fields): a deploy state (or progress within it)
+
+
 class Host(Protocol):
     """What the updater needs of the agent."""
 
     def pipelines(self) -> dict[str, CameraPipeline]: ...
 
     def open_runner(self, model_path: str, card: ModelCard, sha256: str, precision: str) -> ModelRunner: ...
+
+    def needs_optimize(self, precision: str) -> bool:
+        """True when serving `precision` takes calibration/building/gating, not just loading."""
+
+    def optimize(self, model_path: str, card: ModelCard, sha256: str, precision: str, accuracy: AccuracyBound,
+                 camera: str, stage: StageFn, cancel: threading.Event) -> tuple[ModelRunner, dict[str, Any]]:
+        """Calibrate, build, gate; return the runner that serves and a JSON-able summary."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,8 @@ class Updater:
         self._lock = threading.Lock()
         self.last: dict[str, Any] = {}
         self.probations: list[Probation] = []
+        self._stopping = False
+        self._accuracy = AccuracyBound()
 
     # -- called from other threads (link callbacks, commands): enqueue only ------------------
     def submit(self, desired: Desired) -> None:
@@ -113,7 +125,7 @@ class Updater:
 
     # -- the worker ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and not self._stopping:
             self.run_once(timeout=0.5)
 
     def run_once(self, timeout: float = 0.5) -> bool:
@@ -155,6 +167,21 @@ class Updater:
         if state in S.TERMINAL:
             self.slots.record_job(job.job, {"state": state, "reason": fields.get("reason", ""), "ts": msg["ts"]})
 
+    def _stage(self, job: Desired, state: str, **fields: Any) -> None:
+        """From `Host.optimize`: a new state is a transition; the same state again is progress."""
+        if self.last.get("state") == state:
+            msg = {**self.last, **fields, "ts": now()}
+            self.last = msg
+            self.report(msg)
+        else:
+            self._publish(job, state, **fields)
+
+    def cancel(self) -> None:
+        """Stop what is running (agent shutdown): a download or calibration yields, probation ends
+        undecided (the pending slot is ignored at the next start, and the job runs again)."""
+        self._stopping = True
+        self._cancel.set()
+
     def _targets(self, job: Desired) -> dict[str, CameraPipeline]:
         pipes = self.host.pipelines()
         if not job.cameras:
@@ -185,9 +212,20 @@ class Updater:
             self._publish(job, S.VERIFYING, name=manifest.name)
             card = manifest.model_card(self.store.model_dir(job.sha256))
             precision = job.precision or self.default_precision
-            for cam in targets:
-                opened[cam] = self.host.open_runner(str(self.store.model_path(job.sha256)), card, job.sha256,
-                                                    precision)
+            model_path = str(self.store.model_path(job.sha256))
+            summary: dict[str, Any] | None = None
+            for i, cam in enumerate(targets):
+                if self.host.needs_optimize(precision):
+                    # The first camera's run decides (and reports its stages); the others reuse
+                    # the stored decision and engine.
+                    stage: StageFn = (lambda state, **fields: self._stage(job, state, **fields)) if i == 0 \
+                        else (lambda state, **fields: None)
+                    opened[cam], summary = self.host.optimize(
+                        model_path, card, job.sha256, precision, manifest.accuracy, cam, stage, self._cancel)
+                else:
+                    opened[cam] = self.host.open_runner(model_path, card, job.sha256, precision)
+            if summary is not None:
+                self.last["calibration"] = summary
             self._publish(job, S.ACTIVATING, precision=next(iter(opened.values())).precision,
                           cameras=sorted(targets))
             for cam, runner in opened.items():
@@ -211,6 +249,7 @@ class Updater:
             raise JetagentError(f"no manifest for model {job.sha256[:12]} on the broker after "
                                 f"{self.manifest_timeout_s:.0f} s (was it pushed?)")
         manifest = parse_manifest(verify(envelope, self.trust))
+        self._accuracy = manifest.accuracy
         if manifest.sha256 != job.sha256:
             raise JetagentError(f"the manifest on {job.sha256[:12]}'s topic describes {manifest.sha256[:12]}")
         self._envelope = envelope
@@ -248,11 +287,14 @@ class Updater:
         self.probations = []
         for cam, runner in opened.items():
             replaced[cam] = self.slots.active(cam) or _slot_of(targets[cam].runner)
-            self.slots.set_pending(cam, Slot(job.sha256, runner.card.name, runner.precision, job=job.job))
+            self.slots.set_pending(cam, self._slot(job, runner))
             self.probations.append(Probation.swap_in(targets[cam], runner, job.policy))
         self._publish(job, S.PROBATION, probation_s=job.policy.probation_s)
         verdicts: dict[str, str] = {}
         while len(verdicts) < len(self.probations):
+            if self._stopping:  # shutdown: neither commit nor roll back; the next start serves `active`
+                log.info("deploy %s: probation interrupted by shutdown", job.job)
+                return
             if self._rollback_asked():
                 for p in self.probations:
                     p.reason = p.reason or "operator asked for a rollback"
@@ -277,11 +319,15 @@ class Updater:
             return
         for p in self.probations:
             cam = p.pipeline.name
-            self.slots.commit(cam, Slot(job.sha256, p.new.card.name, p.new.precision, job=job.job), replaced[cam])
+            self.slots.commit(cam, self._slot(job, p.new), replaced[cam])
             p.commit()
         self.probations = []
         self.store.gc(self.slots.in_use())
         self._publish(job, S.ACTIVE, probation=measured)
+
+    def _slot(self, job: Desired, runner: ModelRunner) -> Slot:
+        return Slot(job.sha256, runner.card.name, runner.precision, job=job.job,
+                    accuracy_min=self._accuracy.minimum, accuracy_metric=self._accuracy.metric)
 
     def _rollback_asked(self) -> bool:
         try:

@@ -62,6 +62,12 @@ class Host:
     def open_runner(self, model_path: str, card: ModelCard, sha256: str, precision: str) -> ModelRunner:
         return open_model(model_path, card=card, sha256=sha256, options=BackendOptions(threads=1))
 
+    def needs_optimize(self, precision: str) -> bool:
+        return False
+
+    def optimize(self, *args: Any) -> tuple[ModelRunner, dict[str, Any]]:
+        raise AssertionError("fp32 only in these tests")
+
 
 class Camera:
     """A live camera at our FrameReader seam: 30 fps of one solid colour the test can change."""

@@ -1,0 +1,155 @@
+"""How the agent opens the models it serves: the updater's `Host`, and the model each
+camera starts with (its committed slot, else the config's bootstrap model).
+
+FP32 on ONNX Runtime is a plain load. Anything else (INT8, FP16, TensorRT) goes
+through `calibration.deploy.deploy_model` with a calibration set from this camera:
+the stored one for the model's input spec, or a fresh one collected by a frame
+reservoir riding on the running camera loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import deploy_states as S
+from agent.config import CameraConfig, Config
+from agent.manifest import AccuracyBound
+from agent.pipeline import CameraPipeline
+from agent.slots import Slot, Slots
+from agent.store import ModelStore
+from agent.updater import StageFn
+from engines.base import BackendOptions
+from engines.errors import JetagentError
+from engines.modelcard import InputSpec, ModelCard, card_path_for, load_card
+from engines.runner import ModelRunner, open_model
+
+log = logging.getLogger(__name__)
+
+
+def backend_options(config: Config, precision: str | None = None) -> BackendOptions:
+    b = config.backend
+    return BackendOptions(threads=b.threads, providers=b.providers, graph_optimization=b.graph_optimization,
+                          precision=precision or b.precision)
+
+
+class Serving:
+    """Implements `agent.updater.Host` for the daemon."""
+
+    def __init__(self, config: Config, pipelines: Callable[[], dict[str, CameraPipeline]],
+                 store: ModelStore | None = None, slots: Slots | None = None) -> None:
+        self.config = config
+        self._pipelines = pipelines
+        self.store = store
+        self.slots = slots
+
+    # -- Host ---------------------------------------------------------------------------------
+    def pipelines(self) -> dict[str, CameraPipeline]:
+        return self._pipelines()
+
+    def open_runner(self, model_path: str, card: ModelCard, sha256: str, precision: str) -> ModelRunner:
+        return open_model(model_path, card=card, backend=self.config.backend.name, sha256=sha256,
+                          options=backend_options(self.config, "fp32"))
+
+    def needs_optimize(self, precision: str) -> bool:
+        return precision != "fp32" or self.config.backend.name != "onnxruntime"
+
+    def optimize(self, model_path: str, card: ModelCard, sha256: str, precision: str, accuracy: AccuracyBound,
+                 camera: str, stage: StageFn, cancel: threading.Event, *, collect: bool = True,
+                 ) -> tuple[ModelRunner, dict[str, Any]]:
+        from calibration.deploy import DeployConfig, deploy_model
+
+        dataset = None
+        if precision in ("int8", "fp16"):
+            dataset = self._calibration_set(card.input, camera, stage, cancel, collect)
+        stage(S.BUILDING, step="preparing candidates")
+        config = DeployConfig.from_backend(self.config.backend, precision=precision)
+        deployment = deploy_model(
+            model_path, card, dataset, config, accuracy, state_dir=self.config.state_dir, model_sha256=sha256,
+            progress=lambda ev: stage(S.BUILDING, step=ev.to_dict()))
+        stage(S.VALIDATING, calibration=deployment.summary)
+        return deployment.runner, deployment.summary
+
+    # -- calibration sets ---------------------------------------------------------------------
+    def _calibration_set(self, spec: InputSpec, camera: str, stage: StageFn, cancel: threading.Event,
+                         collect: bool) -> Any:
+        from calibration.dataset import CalibrationStore
+        from calibration.errors import CalibrationError
+
+        store = CalibrationStore(self.config.state_dir / "calibration")
+        try:
+            stored = store.latest(spec)
+        except CalibrationError as exc:
+            log.warning("stored calibration set unusable (%s); collecting a new one", exc)
+            stored = None
+        if stored is not None:
+            stage(S.CALIBRATING, step=f"stored calibration set {stored.content_hash[:12]}",
+                  samples=list(stored.size))
+            return stored
+        if not collect:
+            raise JetagentError("no stored calibration set for this model's input")
+        dataset = self.collect(camera, spec, stage, cancel)
+        store.save(dataset)
+        return dataset
+
+    def collect(self, camera: str, spec: InputSpec, stage: StageFn, cancel: threading.Event) -> Any:
+        """A calibration set from the live camera: a reservoir rides on the loop until full."""
+        from calibration.reservoir import FrameReservoir
+
+        c = self.config.calibration
+        pipe = self.pipelines()[camera]
+        reservoir = FrameReservoir(spec, calibration_size=c.frames, holdout_size=c.holdout,
+                                   min_interval_s=c.min_interval_s, camera=camera)
+        reservoir.start()
+        pipe.observers.append(reservoir)
+        deadline = time.monotonic() + c.collect_timeout_s
+        stage(S.CALIBRATING, step="collecting frames from the camera", progress=0.0)
+        try:
+            while not reservoir.full and time.monotonic() < deadline and not cancel.is_set():
+                time.sleep(0.5)
+                kept = sum(reservoir.counts())
+                stage(S.CALIBRATING, progress=round(kept / (c.frames + c.holdout), 3))
+        finally:
+            if reservoir in pipe.observers:
+                pipe.observers.remove(reservoir)
+            reservoir.stop()
+        if cancel.is_set():
+            from agent.fetch import Cancelled
+
+            raise Cancelled("a newer deployment replaced this one")
+        return reservoir.snapshot(min_calibration=c.min_frames, min_holdout=max(1, c.min_frames // 4))
+
+    # -- what each camera starts with ---------------------------------------------------------
+    def initial_runner(self, cam: CameraConfig) -> ModelRunner:
+        """The committed model of this camera's slot (last-known-good), else the bootstrap model."""
+        if self.slots is not None:
+            self.slots.clear_pending(cam.name)  # a model still on probation at the power cut never serves
+            slot = self.slots.active(cam.name)
+            if slot is not None:
+                try:
+                    return self.open_slot(slot, cam.name)
+                except JetagentError as exc:
+                    log.error("camera %s: cannot serve its committed model %s (%s); serving the config's "
+                              "model %s instead", cam.name, slot.sha256[:12], exc, cam.model)
+        return open_model(cam.model, card=cam.card, backend=self.config.backend.name,
+                          options=backend_options(self.config, "fp32"))
+
+    def open_slot(self, slot: Slot, camera: str) -> ModelRunner:
+        if self.store is not None and self.store.has(slot.sha256):
+            model, card_file = self.store.model_path(slot.sha256), self.store.card_path(slot.sha256)
+        elif slot.path and Path(slot.path).is_file():
+            model, card_file = Path(slot.path), card_path_for(slot.path)
+        else:
+            raise JetagentError(f"model {slot.sha256[:12]} is neither in the store nor at {slot.path!r}")
+        card = load_card(card_file)
+        if not self.needs_optimize(slot.precision):
+            return self.open_runner(str(model), card, slot.sha256, "fp32")
+        # The stored decision and engine make this a load, not a calibration.
+        bound = AccuracyBound(slot.accuracy_min, slot.accuracy_metric)
+        runner, _ = self.optimize(str(model), card, slot.sha256, slot.precision, bound, camera,
+                                  lambda state, **fields: None, threading.Event(), collect=False)
+        return runner

@@ -202,9 +202,12 @@ class Updater:
         opened: dict[str, ModelRunner] = {}
         try:
             targets = self._targets(job)
-            if all(p.runner.sha256 == job.sha256 for p in targets.values()):
+            want = job.precision
+            if all(p.runner.sha256 == job.sha256 and (not want or p.runner.precision == want)
+                   for p in targets.values()):
                 self._publish(job, S.ACTIVATING)
-                self._publish(job, S.ACTIVE, reason="already serving this model")
+                self._publish(job, S.ACTIVE, reason="already serving this model",
+                              precision=next(iter(targets.values())).runner.precision)
                 return
             manifest = self._manifest(job)
             if not self.store.has(job.sha256):

@@ -124,7 +124,7 @@ class Graph:
 
 
 def load_graph():
-    pkg_dir = Path(list(__import__(PKG_MODULE).__path__)[0])
+    pkg_dir = Path(next(iter(__import__(PKG_MODULE).__path__)))
     pb = pkg_dir / "frozen_inference_graph.pb"
     data = pb.read_bytes()
     gd = tf.compat.v1.GraphDef()
@@ -326,8 +326,10 @@ def decode(enc, anchors, scales):
 
 
 def iou_one(b, bs):
-    ymin = np.maximum(b[0], bs[:, 0]); xmin = np.maximum(b[1], bs[:, 1])
-    ymax = np.minimum(b[2], bs[:, 2]); xmax = np.minimum(b[3], bs[:, 3])
+    ymin = np.maximum(b[0], bs[:, 0])
+    xmin = np.maximum(b[1], bs[:, 1])
+    ymax = np.minimum(b[2], bs[:, 2])
+    xmax = np.minimum(b[3], bs[:, 3])
     inter = np.clip(ymax - ymin, 0, None) * np.clip(xmax - xmin, 0, None)
     a = (b[2] - b[0]) * (b[3] - b[1])
     a2 = (bs[:, 2] - bs[:, 0]) * (bs[:, 3] - bs[:, 1])
@@ -454,7 +456,7 @@ def main():
 
     # ---- anchors ----------------------------------------------------------
     zero = np.zeros((1, IN_H, IN_W, 3), np.float32)
-    cols = tf_run(zero, ANCHOR_TENSORS + ["Concatenate/concat:0"])
+    cols = tf_run(zero, [*ANCHOR_TENSORS, "Concatenate/concat:0"])
     anchors = np.stack(cols[:4], axis=1).astype(np.float32)
     corners = cols[4]
     assert anchors.shape == (n_anchors, 4), anchors.shape

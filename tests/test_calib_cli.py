@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from calib_models import blob_frames, colour_frames, conv_classifier
 
 from agent.cli import main
+from calib_models import blob_frames, colour_frames, conv_classifier
 from calibration.dataset import CalibrationStore
 from conftest import write_video
 from engines.modelcard import load_card

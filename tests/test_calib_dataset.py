@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from calib_models import blob_frames, conv_classifier
 
+from calib_models import blob_frames, conv_classifier
 from calibration.dataset import CalibrationSet, CalibrationStore, build_set, read_video_frames, set_from_video
 from calibration.errors import CalibrationError
 from calibration.reservoir import FrameReservoir, thumbnail

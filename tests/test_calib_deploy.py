@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from calib_models import blob_detector, blob_frames, colour_frames, conv_classifier
 
 from agent.manifest import AccuracyBound
+from calib_models import blob_detector, blob_frames, colour_frames, conv_classifier
 from calibration import ort_target
 from calibration.candidates import TimingPlan
 from calibration.dataset import CalibrationSet, build_set, set_from_video

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from calib_models import blob_detector, blob_frames, colour_frames, conv_classifier
 
 import trt_standins
+from calib_models import blob_detector, blob_frames, colour_frames, conv_classifier
 from calibration.build import build_in_child, probe_tensorrt
 from calibration.candidates import Candidate, TimingPlan
 from calibration.dataset import CalibrationSet, CalibrationStore, build_set

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_helpers import AgentProcess, Recorder, agent_config, jetfleet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
@@ -24,6 +23,7 @@ from agent.fleet import FleetClient, FleetOptions
 from agent.protocol import MAX_CMD_BYTES, Topics, encode
 from broker import Broker
 from conftest import color_frames, write_video
+from fleet_helpers import AgentProcess, Recorder, agent_config, jetfleet
 
 T = Topics()
 DEV = "cam-1"

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet_helpers import AgentProcess, Recorder, agent_config, first_seen, jetfleet, status_json
 
 from agent.protocol import Topics
 from broker import Broker
+from fleet_helpers import AgentProcess, Recorder, agent_config, first_seen, jetfleet, status_json
 
 T = Topics()
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from fleet_helpers import Recorder
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -21,6 +20,7 @@ from agent.link import FleetLink, PacketTooLarge, check_fleet, jittered, publish
 from agent.outbox import Outbox, OutboxPublisher
 from agent.protocol import Inbound, Topics
 from broker import Broker
+from fleet_helpers import Recorder
 
 T = Topics()
 

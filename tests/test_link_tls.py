@@ -10,7 +10,6 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from fleet_helpers import Recorder, status_json
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -21,6 +20,7 @@ from agent.link import FleetLink
 from agent.protocol import Inbound, Topics, encode, state_message
 from broker import PKI, Broker, make_pki
 from conftest import ROOT
+from fleet_helpers import Recorder, status_json
 
 T = Topics()
 DOCS = ROOT / "docs" / "broker"

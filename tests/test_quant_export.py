@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from calib_models import colour_frames, conv_classifier
 from onnx import numpy_helper
 
+from calib_models import colour_frames, conv_classifier
 from calibration.dataset import CalibrationSet, build_set
 from calibration.errors import QuantizationError
 from calibration.quantize import QuantProfile, check_tensorrt_qdq, cpu_profile, export_qdq, tensorrt_profile

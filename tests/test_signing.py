@@ -80,7 +80,7 @@ def test_manifest_round_trip_and_checks(demo_model: Path) -> None:
         parse_manifest(d)
     d = m.to_dict()
     d["min_agent_version"] = "99.0"
-    with pytest.raises(ProtocolError, match="needs agent 99.0"):
+    with pytest.raises(ProtocolError, match=r"needs agent 99\.0"):
         parse_manifest(d)
     d = m.to_dict()
     d["card"]["input"]["width"] = -1

@@ -1,41 +1,18 @@
-"""Writes that survive a power cut: temp file, fsync, rename, fsync the directory."""
+"""Writes that survive a power cut (temp file, fsync, rename, fsync the directory).
+
+The implementation lives in `calibration.fileio` (the lower layer); this adds what
+the agent's files need on top.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from calibration.fileio import atomic_write_bytes, fsync_dir
 
-def fsync_dir(directory: str | Path) -> None:
-    fd = os.open(str(directory), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so a reader (or a reboot) sees the old or the new file, never a mix."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(p.parent)
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir", "read_json"]
 
 
 def atomic_write_json(path: str | Path, obj: Any, mode: int = 0o644) -> None:

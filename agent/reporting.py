@@ -10,15 +10,14 @@ retained state, so `jetfleet status` answers from retained messages alone.
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from agent import __version__
+from agent.atomic import atomic_write_bytes
 from agent.commands import AgentControl, CommandRouter, CommandService, register_agent_commands
 from agent.config import Config, FleetConfig
 from agent.link import ConnectInfo, FleetLink, LinkError
@@ -38,26 +37,6 @@ class AgentView(AgentControl, Protocol):
     def describe_cameras(self) -> list[dict[str, Any]]: ...
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write temp, fsync, rename, fsync the directory: the file is old or new, never torn."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 def next_boot(state_dir: Path) -> int:
     """Increment and return the persisted boot counter (1 on a fresh state directory)."""
     path = state_dir / "boot"
@@ -69,7 +48,7 @@ def next_boot(state_dir: Path) -> int:
     except FileNotFoundError:
         last = 0
     boot = last + 1
-    atomic_write(path, f"{boot}\n".encode())
+    atomic_write_bytes(path, f"{boot}\n".encode())
     return boot
 
 

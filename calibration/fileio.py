@@ -1,8 +1,8 @@
 """Writes that survive a power cut, for calibration sets, reports and cache entries.
 
 temp file -> fsync -> rename -> fsync the directory: a reader (or a reboot) sees the
-old file or the new one, never a mix. `calibration` must not import `agent`, so this
-is its own small copy of the pattern in `agent.atomic`.
+old file or the new one, never a mix. The one copy of the pattern: `agent.atomic`
+builds on it (imports point agent -> calibration -> engines).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically and durably (file mode `mode`)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -36,7 +36,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

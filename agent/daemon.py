@@ -224,8 +224,9 @@ class Agent:
 
     def identity(self) -> list[tuple[str, str, str, str]]:
         """What a change report is for: each camera's source state and model."""
-        return [(c.config.name, str(c.pipeline.grabber.state), c.pipeline.runner.sha256, c.pipeline.runner.precision)
-                for c in self.cameras]
+        # A camera that is still starting is expected to stream: its first frame is not news.
+        return [(c.config.name, "streaming" if c.pipeline.grabber.state == "starting" else c.pipeline.grabber.state,
+                 c.pipeline.runner.sha256, c.pipeline.runner.precision) for c in self.cameras]
 
     def health_tick(self, reason: str) -> None:
         snapshot = self.take_snapshot()

@@ -1,0 +1,224 @@
+"""Model delivery end to end: a real Mosquitto, real `jetfleet serve` / `jetfleet push`
+processes and real agent processes on real (generated) ONNX models and video."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.protocol_delivery import chunk_frame, parse_get_request
+from broker import Broker
+from delivery_helpers import Fleet, model_version
+from onnx_models import slow_classifier
+
+
+@pytest.fixture()
+def fleet(tmp_path: Path):
+    with Broker(tmp_path / "broker") as b:
+        f = Fleet(tmp_path, b)
+        try:
+            yield f
+        finally:
+            f.close()
+
+
+def results(fleet: Fleet, device: str) -> list[dict]:
+    path = fleet.tmp / device / "results.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def wait_serving(fleet: Fleet, device: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len(results(fleet, device)) < 5:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{device} serves no frames: {fleet.agents[device].log()[-2000:]}")
+        time.sleep(0.1)
+
+
+def test_push_to_two_devices_swaps_without_dropping_a_frame(fleet: Fleet) -> None:
+    fleet.serve()
+    for d in ("cam-a", "cam-b"):
+        fleet.agent(d, results=True)
+    for d in ("cam-a", "cam-b"):
+        wait_serving(fleet, d)
+    v2 = model_version(fleet.tmp / "models" / "v2" / "m.onnx", "v2")
+    fleet.publish_model(v2, "cam-a", "cam-b", policy={"probation_s": 1})
+    for d in ("cam-a", "cam-b"):
+        done = fleet.wait_deploy(d, lambda m: m["state"] in ("active", "failed", "rolled_back"))
+        assert done["state"] == "active", done
+    time.sleep(1.0)
+    for d in ("cam-a", "cam-b"):
+        assert fleet.agents[d].stop() == 0
+        served = results(fleet, d)
+        seqs = [r["seq"] for r in served]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"{d}: a frame was dropped or repeated"
+        models = [r["model"] for r in served]
+        cut = models.index("v2")
+        assert set(models[:cut]) == {"v1"} and set(models[cut:]) == {"v2"} and cut > 0
+        assert all(r["objects"][0]["label"] == "green" for r in served)  # every frame served, rightly
+        log = fleet.agents[d].log()
+        assert "frame failed" not in log and "Traceback" not in log
+
+
+def requested(fleet: Fleet) -> Counter[int]:
+    asked: Counter[int] = Counter()
+    for topic, payload, _ in list(fleet.recorder.messages):
+        if topic.endswith("/get"):
+            asked.update(parse_get_request(payload, 10**6)[1])
+    return asked
+
+
+def durable_bitmap(fleet: Fleet) -> set[int]:
+    partial = fleet.state_dir("cam-a") / "partial"
+    bitmaps = list(partial.glob("*/bitmap"))
+    if not bitmaps:
+        return set()
+    return {i for i, b in enumerate(bitmaps[0].read_bytes()) if b}
+
+
+def interrupt_at_half_and_resume(fleet: Fleet, interrupt) -> tuple[dict, set[int]]:
+    server = fleet.serve()
+    fleet.agent("cam-a")
+    time.sleep(2.0)
+    big = model_version(fleet.tmp / "models" / "big" / "m.onnx", "big", pad_bytes=6_000_000)
+    chunk = 16384
+    n_chunks = -(-big.stat().st_size // chunk)
+    fleet.publish_model(big, "cam-a", chunk_size=chunk, policy={"probation_s": 1})
+    deadline = time.monotonic() + 30
+    while len(requested(fleet)) < n_chunks // 2:  # half the file asked for: freeze the server
+        assert time.monotonic() < deadline, "the download did not start"
+        time.sleep(0.002)
+    server.send_signal(signal.SIGSTOP)
+    time.sleep(1.2)  # the device makes what it has durable (every 0.5 s) and waits
+    durable = durable_bitmap(fleet)
+    assert 0 < len(durable) < n_chunks, len(durable)
+    interrupt()
+    server.send_signal(signal.SIGCONT)
+    done = fleet.wait_deploy("cam-a", lambda m: m["state"] in ("active", "failed", "rolled_back"), timeout=60)
+    assert done["state"] == "active", done
+    asked = requested(fleet)
+    again = {i: n for i, n in asked.items() if i in durable and n != 1}
+    assert again == {}, f"verified chunks requested again: {again}"
+    assert set(asked) == set(range(n_chunks))
+    assert not any((fleet.state_dir("cam-a") / "partial").iterdir())
+    return done, durable
+
+
+def test_sigkill_mid_download_resumes_without_refetching(fleet: Fleet) -> None:
+    def interrupt() -> None:
+        fleet.agents["cam-a"].kill()  # SIGKILL: no goodbye, no flush
+        fleet.agent("cam-a")  # same config, same state_dir
+
+    done, durable = interrupt_at_half_and_resume(fleet, interrupt)
+    assert done["resumed_chunks"] == len(durable)  # the new process started from the durable bitmap
+
+
+def test_broker_restart_mid_download_resumes(fleet: Fleet) -> None:
+    def interrupt() -> None:
+        fleet.broker.stop()
+        time.sleep(1.0)
+        fleet.broker.start()
+        fleet.recorder.client.reconnect()
+
+    interrupt_at_half_and_resume(fleet, interrupt)
+
+
+class RogueServer:
+    """Answers every block request with the right header and the wrong bytes."""
+
+    def __init__(self, port: int) -> None:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rogue", protocol=mqtt.MQTTv5)
+        ready = threading.Event()
+        c.on_connect = lambda cl, u, f, r, p: cl.subscribe("jetagent/models/+/get", 1)
+        c.on_subscribe = lambda *a: ready.set()
+        c.on_message = self._on_message
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        ready.wait(10)
+        self.client = c
+        self.answered = 0
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        sha = msg.topic.split("/")[2]
+        _, chunks = parse_get_request(bytes(msg.payload), 10**6)
+        for i in chunks:
+            client.publish(msg.properties.ResponseTopic, chunk_frame(sha, i, os.urandom(4096)), qos=1)
+            self.answered += 1
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_forged_chunks_fail_the_job_and_the_old_model_keeps_serving(fleet: Fleet) -> None:
+    rogue = RogueServer(fleet.broker.port)
+    try:
+        fleet.agent("cam-a", results=True)
+        wait_serving(fleet, "cam-a")
+        v2 = model_version(fleet.tmp / "models" / "v2" / "m.onnx", "v2")
+        fleet.publish_model(v2, "cam-a")
+        row = fleet.wait_deploy("cam-a", lambda m: m["state"] in ("active", "failed", "rolled_back"))
+        assert row["state"] == "failed" and "failed verification 3 times" in row["reason"], row
+        n = len(results(fleet, "cam-a"))
+        time.sleep(0.5)
+        later = results(fleet, "cam-a")
+        assert len(later) > n and {r["model"] for r in later} == {"v1"}  # still serving the old model
+        state = fleet.state_dir("cam-a")
+        assert not any((state / "partial").iterdir()) and not any((state / "models").iterdir())
+    finally:
+        rogue.close()
+
+
+def test_unsigned_manifest_is_refused(fleet: Fleet) -> None:
+    fleet.serve()
+    fleet.agent("cam-a")
+    v2 = model_version(fleet.tmp / "models" / "v2" / "m.onnx", "v2")
+    fleet.publish_model(v2, "cam-a", policy={"probation_s": 0.5})
+    fleet.wait_deploy("cam-a", lambda m: m["state"] == "active")
+    # an attacker re-publishes that manifest without its signature, under a new desired state
+    sha = next(p.stem for p in (fleet.repo / "manifests").glob("*.json"))
+    env = json.loads((fleet.repo / "manifests" / f"{sha}.json").read_text())
+    env.pop("signature")
+    c = fleet.recorder.client
+    c.publish(f"jetagent/models/{sha}/manifest", json.dumps(env), qos=1, retain=True).wait_for_publish(5)
+    desired = {"v": 1, "job": "attack-1", "model": sha}
+    # the device already serves sha: ask for another precision so it must fetch the manifest again
+    desired["precision"] = "fp16"
+    c.publish("jetagent/dev/cam-a/desired", json.dumps(desired), qos=1, retain=True).wait_for_publish(5)
+    out = fleet.wait_deploy("cam-a", lambda m: m.get("job") == "attack-1" and m["state"] == "failed")
+    assert "not signed" in out["reason"]
+
+
+def test_slow_model_is_rolled_back_in_probation(fleet: Fleet) -> None:
+    fleet.serve()
+    fleet.agent("cam-a")
+    slow = slow_classifier(fleet.tmp / "models" / "slow" / "m.onnx", matmuls=200, dim=512)  # ~2-5 fps
+    fleet.publish_model(slow, "cam-a", policy={"probation_s": 3, "min_fps": 8})
+    row = fleet.wait_deploy("cam-a", lambda m: m["state"] in ("active", "failed", "rolled_back"))
+    assert row["state"] == "rolled_back" and "below the floor" in row["reason"], row
+    assert fleet.agents["cam-a"].alive()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_restart_comes_up_on_the_committed_model(fleet: Fleet, sig: int) -> None:
+    fleet.serve()
+    fleet.agent("cam-a", results=True)
+    wait_serving(fleet, "cam-a")
+    v2 = model_version(fleet.tmp / "models" / "v2" / "m.onnx", "v2")
+    fleet.publish_model(v2, "cam-a", policy={"probation_s": 0.5})
+    assert fleet.wait_deploy("cam-a", lambda m: m["state"] in ("active", "failed"))["state"] == "active"
+    fleet.agents["cam-a"].signal(sig)
+    fleet.agents["cam-a"].wait()
+    (fleet.tmp / "cam-a" / "results.jsonl").unlink()
+    fleet.agent("cam-a", results=True)
+    wait_serving(fleet, "cam-a")
+    assert {r["model"] for r in results(fleet, "cam-a")} == {"v2"}

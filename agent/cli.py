@@ -19,13 +19,18 @@ log = logging.getLogger("jetagent")
 
 
 def setup_logging(level: str = "info") -> None:
+    """Our loggers at `level`; everything else (libraries logging to the root logger, such as
+    ONNX Runtime's quantizer) at WARNING or above, so the agent's log stays readable."""
+    ours = getattr(logging, level.upper(), logging.INFO)
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=max(ours, logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,
     )
+    for name in ("agent", "engines", "calibration", "jetagent"):
+        logging.getLogger(name).setLevel(ours)
 
 
 def _positive(text: str) -> float:

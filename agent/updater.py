@@ -160,7 +160,7 @@ class Updater:
         S.check_transition(prev, state)
         msg = {"v": 1, "job": job.job, "state": state, "model": job.sha256, "ts": now(), **fields}
         if prev is not None:  # carry what earlier states learnt (name, precision, calibration)
-            msg = {**{k: v for k, v in self.last.items() if k not in ("reason", "progress")}, **msg}
+            msg = {**{k: v for k, v in self.last.items() if k not in ("reason", "progress", "step")}, **msg}
         self.last = msg
         log.info("deploy %s: %s%s", job.job, state, f" ({fields['reason']})" if fields.get("reason") else "")
         self.report(msg)

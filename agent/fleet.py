@@ -3,8 +3,11 @@ from retained device states and live health reports.
 
 `FleetClient` connects synchronously (a CLI wants an answer or a clear error, not a
 retry loop), subscribes and waits for the SUBACK, and sends commands with a response
-topic and correlation data. `FleetView` folds state and health messages into one
-row per device; it is what `jetfleet status` and `watch` print.
+topic and correlation data. Once connected it rides out broker restarts (paho
+reconnects; the client subscribes again), records the CONNACK's Maximum Packet Size and
+Receive Maximum (paho ignores both), and offers a non-blocking publish with a bounded
+window of unacknowledged messages for `jetfleet serve`. `FleetView` folds state and
+health messages into one row per device; it is what `jetfleet status` and `watch` print.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -26,17 +29,41 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import TLSConfig
-from agent.link import configure_tls, parse_broker_url, set_nodelay
-from agent.protocol import ProtocolError, Topics, check_health, check_reply, check_state, command_request, encode
+from agent.fleetview import DeviceRecord, FleetView, device_row, format_table
+from agent.link import MQTT_MAX_PACKET, configure_tls, parse_broker_url, publish_packet_size, set_nodelay
+from agent.protocol import ProtocolError, Topics, check_reply, command_request, encode
 from engines.errors import JetagentError
 
 log = logging.getLogger(__name__)
+
+# the fleet model moved to agent.fleetview; these names stay importable from here
+__all__ = ["DeviceRecord", "FleetClient", "FleetError", "FleetOptions", "FleetView", "TooLarge", "device_row",
+           "format_table", "reply_properties"]
 
 Handler = Callable[[str, bytes, Properties | None], None]
 
 
 class FleetError(JetagentError):
     """The broker cannot be reached, refused us, or a device did not answer."""
+
+
+class TooLarge(FleetError):
+    """A publish larger than the broker's Maximum Packet Size; refused before it is sent."""
+
+
+def reply_properties(props: Properties | None) -> tuple[str | None, bytes | None]:
+    """(Response Topic, Correlation Data) of a received message, either None when absent."""
+    topic = getattr(props, "ResponseTopic", None)
+    corr = getattr(props, "CorrelationData", None)
+    return (topic if isinstance(topic, str) and topic else None,
+            bytes(corr) if isinstance(corr, (bytes, bytearray)) else None)
+
+
+def _match_filter(topic_filter: str) -> str:
+    """The filter a message's topic is matched against: '$share/<group>/' removed."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
 
 
 @dataclass(frozen=True)
@@ -53,14 +80,21 @@ class FleetOptions:
 
 
 class FleetClient:
-    """One synchronous-connecting MQTT 5 client for jetfleet commands."""
+    """One synchronous-connecting MQTT 5 client for jetfleet commands.
 
-    def __init__(self, opts: FleetOptions) -> None:
+    `max_inflight` bounds paho's unacknowledged QoS 1 messages (it never reads the
+    broker's Receive Maximum); `publish_nowait` keeps at most twice that many handed to
+    paho (in flight + queued), further bounded by the broker's Receive Maximum.
+    """
+
+    def __init__(self, opts: FleetOptions, *, max_inflight: int = 16) -> None:
         self.opts = opts
         self.topics = Topics(opts.prefix)
         self.host, self.port, url_tls = parse_broker_url(opts.broker)
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=opts.client_id, protocol=mqtt.MQTTv5)
         c.max_queued_messages_set(1000)
+        c.max_inflight_messages_set(max(1, max_inflight))
+        c.reconnect_delay_set(1, 30)
         if opts.username is not None:
             c.username_pw_set(opts.username, opts.password)
         if url_tls or opts.tls_ca or opts.tls_cert:
@@ -72,6 +106,7 @@ class FleetClient:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
         c.on_socket_open = lambda client, userdata, sock: set_nodelay(sock)
         self._client = c
         self._lock = threading.Lock()
@@ -79,7 +114,18 @@ class FleetClient:
         self._connack: ReasonCode | None = None
         self._dropped: str | None = None
         self._subacks: dict[int, threading.Event] = {}
+        self._subreasons: dict[int, list[ReasonCode]] = {}
         self._handlers: list[tuple[str, Handler]] = []
+        self._subs: dict[str, int] = {}  # filter -> qos, subscribed again after a reconnect
+        self.connects = 0
+        self.max_packet_size = MQTT_MAX_PACKET  # from the CONNACK
+        self.receive_maximum = 65535
+        self.max_inflight = max(1, max_inflight)
+        # publish_nowait's window: mids handed to paho and not yet acknowledged
+        self._window = threading.Condition()
+        self._pending: set[int] = set()
+        self._early: set[int] = set()  # acknowledged before publish() returned their mid
+        self.puback_failures = 0
 
     # -- connection ---------------------------------------------------------------------
     def connect(self, timeout: float = 5.0) -> FleetClient:
@@ -113,27 +159,68 @@ class FleetClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.is_connected())
+
+    @property
+    def window(self) -> int:
+        """How many publish_nowait messages may be unacknowledged at once."""
+        return max(1, min(2 * self.max_inflight, self.receive_maximum))
+
+    @property
+    def in_flight(self) -> int:
+        with self._window:
+            return len(self._pending)
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Properties | None) -> None:
         self._connack = reason
-        if not reason.is_failure:
-            self._connected.set()
+        if reason.is_failure:
+            if self._connected.is_set():
+                log.warning("jetfleet: %s refused the reconnection: %s", self.opts.broker, reason)
+            return
+        self.max_packet_size = int(getattr(properties, "MaximumPacketSize", MQTT_MAX_PACKET))
+        self.receive_maximum = int(getattr(properties, "ReceiveMaximum", 65535))
+        self.connects += 1
+        if self.connects > 1:
+            log.info("jetfleet: reconnected to %s", self.opts.broker)
+            with self._lock:
+                subs = list(self._subs.items())
+            if subs:  # a clean session: the broker forgot them
+                client.subscribe(subs)
+        self._connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Properties | None) -> None:
         if not self._connected.is_set():
             self._dropped = str(reason)
+        elif reason.is_failure:
+            log.warning("jetfleet: lost the connection to %s (%s); reconnecting", self.opts.broker, reason)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
                       properties: Properties | None) -> None:
         with self._lock:
             ev = self._subacks.get(mid)
+            self._subreasons[mid] = list(reasons)
         if ev is not None:
             ev.set()
 
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Properties | None) -> None:
+        if reason.is_failure:
+            self.puback_failures += 1
+            log.debug("jetfleet: the broker refused publish %d: %s", mid, reason)
+        with self._window:
+            if mid in self._pending:
+                self._pending.discard(mid)
+                self._window.notify_all()
+            else:
+                self._early.add(mid)
+
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            handlers = [h for t, h in self._handlers if mqtt.topic_matches_sub(t, msg.topic)]
+            handlers = [h for t, h in self._handlers if mqtt.topic_matches_sub(_match_filter(t), msg.topic)]
         for h in handlers:
             try:
                 h(msg.topic, bytes(msg.payload), msg.properties)
@@ -141,10 +228,16 @@ class FleetClient:
                 log.exception("jetfleet: handler failed on %s", msg.topic)
 
     # -- use ----------------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, timeout: float = 5.0) -> None:
-        """Subscribe and wait for the SUBACK (so retained messages are on their way)."""
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, timeout: float = 5.0, *,
+                  require_grant: bool = False) -> None:
+        """Subscribe and wait for the SUBACK (so retained messages are on their way).
+
+        With `require_grant`, a SUBACK that refuses the subscription (an ACL, a broker
+        without shared subscriptions) raises FleetError naming the reason.
+        """
         with self._lock:
             self._handlers.append((topic_filter, handler))
+            self._subs[topic_filter] = qos
         ev = threading.Event()
         with self._lock:
             rc, mid = self._client.subscribe(topic_filter, qos)
@@ -153,9 +246,84 @@ class FleetClient:
             self._subacks[mid] = ev
         if not ev.wait(timeout):
             raise FleetError(f"no SUBACK for {topic_filter} within {timeout:g} s")
+        with self._lock:
+            reasons = self._subreasons.pop(mid, [])
+            self._subacks.pop(mid, None)
+        refused = [r for r in reasons if r.is_failure]
+        if require_grant and refused:
+            raise FleetError(f"the broker refused the subscription to {topic_filter}: {refused[0]}")
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop delivering `topic_filter` to its handlers (does not wait for the UNSUBACK)."""
+        with self._lock:
+            self._handlers = [(t, h) for t, h in self._handlers if t != topic_filter]
+            known = self._subs.pop(topic_filter, None) is not None
+        if known:
+            self._client.unsubscribe(topic_filter)
+
+    def publish_nowait(self, topic: str, payload: bytes | bytearray, *, qos: int = 1, retain: bool = False,
+                       correlation_data: bytes | None = None, response_topic: str | None = None,
+                       timeout: float = 30.0, stop: threading.Event | None = None) -> None:
+        """Hand one message to paho without waiting for its PUBACK.
+
+        Blocks only while `window` messages are unacknowledged (backpressure: a slow
+        broker or subscriber slows the caller instead of filling memory). Never call it
+        from a paho callback. Raises TooLarge over the broker's Maximum Packet Size and
+        FleetError when paho refuses it or the window stays full for `timeout` s.
+        """
+        props = None
+        if correlation_data is not None or response_topic is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            if correlation_data is not None:
+                props.CorrelationData = correlation_data
+            if response_topic is not None:
+                props.ResponseTopic = response_topic
+        size = publish_packet_size(topic, cast(bytes, payload), qos, props)  # it only takes len()
+        if size > self.max_packet_size:
+            raise TooLarge(f"a {size}-byte publish to {topic} is over the broker's maximum packet size "
+                           f"({self.max_packet_size} bytes)")
+        deadline = time.monotonic() + timeout
+        with self._window:
+            while len(self._pending) >= self.window:
+                if stop is not None and stop.is_set():
+                    raise FleetError("stopped while waiting for the broker to acknowledge")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FleetError(f"the broker acknowledged none of {len(self._pending)} messages "
+                                     f"within {timeout:g} s")
+                self._window.wait(min(left, 0.25))
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        except ValueError as exc:
+            raise FleetError(f"publish to {topic} refused: {exc}") from exc
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE or (qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS):
+            raise FleetError(f"publish to {topic} not queued: {mqtt.error_string(info.rc)}")
+        if qos == 0:
+            return
+        # QoS 1 while disconnected (MQTT_ERR_NO_CONN): paho keeps it and sends it after reconnecting
+        with self._window:
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+            else:
+                self._pending.add(info.mid)
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every publish_nowait message is acknowledged; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._window:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._window.wait(min(left, 0.25))
+        return True
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 properties: Properties | None = None, timeout: float = 5.0) -> None:
+        size = publish_packet_size(topic, payload, qos, properties)
+        if size > self.max_packet_size:
+            raise TooLarge(f"a {size}-byte publish to {topic} is over the broker's maximum packet size "
+                           f"({self.max_packet_size} bytes)")
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         try:
             info.wait_for_publish(timeout)
@@ -163,6 +331,8 @@ class FleetClient:
             raise FleetError(f"publish to {topic} failed: {exc}") from exc
         if not info.is_published():
             raise FleetError(f"publish to {topic} not acknowledged within {timeout:g} s")
+        with self._window:
+            self._early.discard(info.mid)  # its PUBACK was recorded as an early one
 
     def request(self, device_id: str, payload: bytes, timeout: float = 5.0) -> dict[str, Any]:
         """Send raw bytes to a device's command topic; wait for the reply with our correlation data."""
@@ -191,149 +361,3 @@ class FleetClient:
     def command(self, device_id: str, cmd: str, args: Mapping[str, Any] | None = None,
                 timeout: float = 5.0) -> dict[str, Any]:
         return self.request(device_id, encode(command_request(cmd, args)), timeout)
-
-
-# -- the fleet model ------------------------------------------------------------------------
-
-@dataclass
-class DeviceRecord:
-    device_id: str
-    state: dict[str, Any] | None = None
-    health: dict[str, Any] | None = None
-    seqs: int = 0  # health reports seen
-
-
-def _join(values: list[Any]) -> str | None:
-    seen = [str(v) for v in dict.fromkeys(values) if v]
-    return ",".join(seen) if seen else None
-
-
-class FleetView:
-    """Devices from `{p}/dev/+/state` (retained) and `{p}/dev/+/health`. Thread-safe."""
-
-    def __init__(self, topics: Topics) -> None:
-        self.topics = topics
-        self._lock = threading.Lock()
-        self.devices: dict[str, DeviceRecord] = {}
-        self.invalid = 0
-        self.last_rx = 0.0  # time.monotonic() of the newest message
-
-    def subscribe(self, client: FleetClient, health: bool = True) -> None:
-        client.subscribe(self.topics.all_states(), self.apply)
-        if health:
-            client.subscribe(self.topics.all_health(), self.apply)
-
-    def apply(self, topic: str, payload: bytes, props: Properties | None = None) -> None:
-        parsed = self.topics.parse_dev(topic)
-        if parsed is None or parsed[1] not in ("state", "health"):
-            return
-        device_id, leaf = parsed
-        self.last_rx = time.monotonic()
-        if not payload:  # a cleared retained state: the device was removed
-            with self._lock:
-                self.devices.pop(device_id, None)
-            return
-        try:
-            msg = check_state(payload) if leaf == "state" else check_health(payload)
-        except ProtocolError as exc:
-            self.invalid += 1
-            log.debug("jetfleet: ignoring %s: %s", topic, exc)
-            return
-        if msg["device_id"] != device_id:
-            self.invalid += 1
-            log.debug("jetfleet: %s carries device_id %r; ignored", topic, msg["device_id"])
-            return
-        with self._lock:
-            rec = self.devices.setdefault(device_id, DeviceRecord(device_id))
-            if leaf == "state":
-                rec.state = msg
-            elif rec.health is None or (msg.get("boot"), msg["seq"]) >= (rec.health.get("boot"), rec.health["seq"]):
-                rec.health = msg
-                rec.seqs += 1
-
-    def settle(self, quiet_s: float = 0.3, max_s: float = 2.0) -> None:
-        """Wait until messages stop arriving for `quiet_s` (retained ones come in a burst), at most `max_s`."""
-        start = time.monotonic()
-        self.last_rx = max(self.last_rx, start)
-        while True:
-            now = time.monotonic()
-            if now - self.last_rx >= quiet_s or now - start >= max_s:
-                return
-            time.sleep(0.02)
-
-    def rows(self, now: float | None = None) -> list[dict[str, Any]]:
-        now = time.time() if now is None else now
-        with self._lock:
-            records = sorted(self.devices.values(), key=lambda r: r.device_id)
-            return [device_row(r, now) for r in records]
-
-
-def device_row(rec: DeviceRecord, now: float) -> dict[str, Any]:
-    """One device as `jetfleet status --json` prints it."""
-    st, h = rec.state or {}, rec.health
-    summary = st.get("summary") or {}
-    cameras = st.get("cameras") or []
-    ts_state = float(st.get("ts", 0.0))
-    fresh_health = h is not None and float(h["ts"]) >= ts_state and st.get("state", "online") == "online"
-    if fresh_health and h is not None:
-        cams = h["cameras"]
-        fps: Any = round(sum(float(c.get("fps", 0.0)) for c in cams), 2)
-        p99s = [c.get("latency_ms", {}).get("total", {}).get("p99") for c in cams]
-        p99s = [p for p in p99s if isinstance(p, (int, float))]
-        p99 = max(p99s) if p99s else None
-        temp = h["system"].get("temp_max_c")
-        cameras = cams
-    else:
-        fps, p99, temp = summary.get("fps"), summary.get("p99_ms"), summary.get("temp_c")
-    if st.get("state", "online") != "online":
-        fps, p99 = None, None  # a stopped or lost device serves nothing, whatever it last said
-    last_seen = max([ts_state] + ([float(h["ts"])] if h is not None else []))
-    state = st.get("state", "unknown")
-    interval = float(st.get("interval_s") or 30.0)
-    return {
-        "device_id": rec.device_id,
-        "state": state,
-        "model": _join([c.get("model") for c in cameras]),
-        "precision": _join([c.get("precision") for c in cameras]),
-        "backend": _join([c.get("backend") for c in cameras]),
-        "fps": fps,
-        "p99_ms": p99,
-        "temp_c": temp,
-        "last_seen": last_seen or None,
-        "age_s": round(now - last_seen, 1) if last_seen else None,
-        "stale": state == "online" and last_seen > 0 and now - last_seen > 3 * interval + 10,
-        "boot": st.get("boot", h.get("boot") if h else None),
-        "agent_version": st.get("agent_version"),
-        "cameras": len(cameras),
-        "seq": h["seq"] if h is not None else None,
-        "outbox_dropped": (h["outbox"].get("dropped") if h is not None else summary.get("outbox_dropped")),
-    }
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = max(0.0, seconds)
-    if s < 90:
-        return f"{s:.0f}s ago"
-    if s < 5400:
-        return f"{s / 60:.0f}m ago"
-    if s < 129600:
-        return f"{s / 3600:.0f}h ago"
-    return f"{s / 86400:.0f}d ago"
-
-
-def _num(v: Any, fmt: str) -> str:
-    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("DEVICE", "STATE", "MODEL", "PRECISION", "FPS", "P99 MS", "TEMP C", "LAST SEEN")
-    body = [(r["device_id"], r["state"] + (" (stale)" if r["stale"] else ""), r["model"] or "-",
-             r["precision"] or "-", _num(r["fps"], ".1f"), _num(r["p99_ms"], ".1f"), _num(r["temp_c"], ".1f"),
-             _age(r["age_s"])) for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in (head, *body)]
-    if not rows:
-        lines.append("(no devices)")
-    return "\n".join(lines)

@@ -3,6 +3,8 @@
     jetfleet [--broker URL] [--prefix P] [TLS and login options] status [--json]
     jetfleet ... watch [--interval S] [--count N]
     jetfleet ... cmd DEVICE NAME [--args JSON] [--timeout S]
+    jetfleet keys init --dir KEYDIR
+    jetfleet ... serve --repo DIR [--share-group G] [--window N] [--log-interval S]
 
 The broker defaults to $JETFLEET_BROKER (else mqtt://localhost:1883) and the password to
 $JETFLEET_PASSWORD, so it need not appear in `ps`. Expected failures print one line
@@ -15,14 +17,19 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
 from agent.fleet import FleetClient, FleetOptions, FleetView, format_table
-from agent.protocol import DEFAULT_PREFIX, encode
+from agent.fleetrepo import ModelRepo
+from agent.fleetserve import ModelServer, serve_forever
+from agent.protocol import DEFAULT_PREFIX, encode, valid_id
+from agent.signing import fingerprint_file, generate_keys
 from engines.errors import JetagentError
 
 log = logging.getLogger("jetfleet")
@@ -109,6 +116,45 @@ def cmd_cmd(args: argparse.Namespace) -> int:
     return 0 if reply["ok"] else 1
 
 
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    priv, pub = generate_keys(args.dir)
+    print(f"signing key  {priv.resolve()} (mode 0600: keep it secret, keep it off the devices)")
+    print(f"public key   {pub.resolve()}")
+    print(f"key id       {fingerprint_file(pub)}")
+    print("devices trust it with this line in the [fleet] section of their config:")
+    print(f'trusted_keys = ["{pub.resolve()}"]')
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.share_group and not valid_id(args.share_group):
+        raise JetagentError(f"--share-group: {args.share_group!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+    repo = ModelRepo(args.repo)
+    try:
+        repo.manifests.mkdir(parents=True, exist_ok=True)  # an empty repository is served too
+    except OSError as exc:
+        raise JetagentError(f"--repo: cannot use {repo.root}: {exc.strerror or exc}") from None
+    if not args.verbose:
+        logging.getLogger("agent").setLevel(logging.INFO)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    client = FleetClient(options(args), max_inflight=args.window).connect(args.connect_timeout)
+    server = ModelServer(client, repo, share_group=args.share_group or None)
+    try:
+        server.start()
+        serve_forever(server, stop, args.log_interval)
+    finally:
+        server.stop()
+        client.drain(5.0)
+        client.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jetfleet", description="Watch and command a fleet of jetagent devices.")
     p.add_argument("--version", action="version", version=f"jetfleet {__version__}")
@@ -141,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--args", help="JSON object of arguments")
     c.add_argument("--timeout", type=_positive, default=10.0, help="seconds to wait for the reply")
     c.set_defaults(func=cmd_cmd)
+
+    k = sub.add_parser("keys", help="the fleet's model-signing key")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    ki = ksub.add_parser("init", help="make an Ed25519 signing key KEYDIR/fleet.key and KEYDIR/fleet.pub")
+    ki.add_argument("--dir", required=True, help="directory for fleet.key (mode 0600) and fleet.pub")
+    ki.set_defaults(func=cmd_keys_init)
+
+    sv = sub.add_parser("serve", help="answer devices' chunk requests from a model repository (until SIGTERM)")
+    sv.add_argument("--repo", required=True, help="the repository jetfleet push writes")
+    sv.add_argument("--share-group", default="jetfleet",
+                    help="shared-subscription group: servers in one group split the requests (default jetfleet; "
+                         "'' for a plain subscription)")
+    sv.add_argument("--window", type=int, default=16, choices=range(1, 65), metavar="N",
+                    help="unacknowledged chunk messages in flight to the broker (1-64, default 16)")
+    sv.add_argument("--log-interval", type=_positive, default=10.0, help="seconds between throughput lines")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

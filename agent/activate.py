@@ -79,6 +79,7 @@ class Probation:
         old = pipeline.swap(new)
         p = cls(pipeline, old, new, policy, clock)
         p.baseline_fps = baseline
+        p.frames0, p.errors0 = pipeline.swapped_at  # counted under the frame lock, at the swap
         return p
 
     def measured(self) -> dict[str, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ class MqttTransport:
         self.link.publish(self.topics.get(sha256), encode(get_request(self.device_id, indices)), qos=1,
                           response_topic=self.reply_topic, correlation_data=request_id.encode())
 
-    def manifest(self, sha256: str, timeout: float) -> bytes | None:
+    def manifest(self, sha256: str, timeout: float, cancel: threading.Event) -> bytes | None:
         topic = self.topics.manifest(sha256)
         got: list[bytes] = []
         ready = threading.Event()
@@ -56,8 +57,10 @@ class MqttTransport:
                 ready.set()
 
         self.link.subscribe(topic, sink)
+        deadline = time.monotonic() + timeout
         try:
-            ready.wait(timeout)
+            while not ready.wait(0.2) and not cancel.is_set() and time.monotonic() < deadline:
+                pass
         finally:
             self.link.unsubscribe(topic)
         return got[-1] if got else None
@@ -74,7 +77,8 @@ class MqttTransport:
             self.bad_frames += 1
             return
         if self.chunk_sink is not None:
-            self.chunk_sink(Chunk(sha, index, data))
+            rid = msg.correlation_data.decode(errors="replace") if msg.correlation_data else ""
+            self.chunk_sink(Chunk(sha, index, data, rid))
 
 
 class DesiredTracker:

@@ -28,7 +28,14 @@ log = logging.getLogger(__name__)
 
 
 class FetchError(JetagentError):
-    """The download cannot complete: a chunk failed verification repeatedly, or nothing arrives."""
+    """The download cannot complete: a chunk failed verification repeatedly, or nothing arrives.
+
+    `retryable`: nothing arrived (no model server yet?): the same job may run again later,
+    from what is durable."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Cancelled(JetagentError):
@@ -40,6 +47,7 @@ class Chunk:
     sha256: str
     index: int
     data: bytes
+    request_id: str = ""  # the correlation data of the request it answers
 
 
 class ChunkSource(Protocol):
@@ -78,6 +86,10 @@ class Fetcher:
         self.stats = FetchStats()
         self._rejects: collections.Counter[int] = collections.Counter()
         self.last_reject = ""
+        # Request ids we sent (bounded): a frame answering none of them is unsolicited and
+        # ignored, so forged frames from someone who never saw our requests cost nothing.
+        self._sent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.unsolicited = 0
 
     def run(self, cancel: threading.Event) -> None:
         sha = self.d.manifest.sha256
@@ -128,7 +140,9 @@ class Fetcher:
             if connected and now - last_chunk > self.stall_s:
                 self.d.flush()
                 raise FetchError(f"no chunk of {sha[:12]} arrived for {self.stall_s:.0f} s while connected; "
-                                 "is a model server (jetfleet serve) running with this model?")
+                                 "is a model server (jetfleet serve) running with this model?"
+                                 + (f" (last server error: {err})" if (err := getattr(self.source, "last_error", ""))
+                                    else ""), retryable=True)
         self.d.flush()
         self.stats.seconds = self.clock() - start
         if self.progress is not None:
@@ -144,8 +158,12 @@ class Fetcher:
                     indices.append(i)
             if not indices:
                 continue
+            rid = uuid.uuid4().hex[:16]
+            self._sent[rid] = None
+            while len(self._sent) > 4096:
+                self._sent.popitem(last=False)
             try:
-                self.source.request(sha, indices, uuid.uuid4().hex[:16])
+                self.source.request(sha, indices, rid)
             except JetagentError as exc:  # the link went down between the check and the send
                 log.info("chunk request not sent (%s); will retry", exc)
                 todo.extendleft(reversed(indices))
@@ -155,6 +173,9 @@ class Fetcher:
             self.stats.requested += len(indices)
 
     def _accept(self, item: Chunk, todo: collections.deque[int], outstanding: dict[int, float]) -> None:
+        if item.request_id not in self._sent or not 0 <= item.index < self.d.manifest.n_chunks:
+            self.unsolicited += 1
+            return
         try:
             fresh = self.d.write_chunk(item.index, item.data)
         except ChunkRejected as exc:

@@ -23,6 +23,7 @@ KIND = "jetagent.model-manifest"
 DEFAULT_CHUNK = 256 * 1024
 MIN_CHUNK = 4 * 1024
 MAX_CHUNKS = 1 << 16
+MAX_CHUNK = 16 * 1024 * 1024 - 4096
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ class Manifest:
 
 def build_manifest(model: bytes, card: ModelCard, *, chunk_size: int = DEFAULT_CHUNK,
                    accuracy: AccuracyBound | None = None, min_agent_version: str = "0.1.0") -> Manifest:
-    if chunk_size < MIN_CHUNK:
-        raise ProtocolError(f"chunk size {chunk_size} is below the {MIN_CHUNK}-byte minimum")
+    if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+        raise ProtocolError(f"chunk size {chunk_size} is outside {MIN_CHUNK}..{MAX_CHUNK} bytes")
     n = max(1, -(-len(model) // chunk_size))
     if n > MAX_CHUNKS:
         raise ProtocolError(f"{len(model)} bytes in {chunk_size}-byte chunks is {n} chunks; the limit is "
@@ -107,7 +108,8 @@ def parse_manifest(raw: dict[str, Any], *, agent_version: str = __version__) -> 
     chunks = Fields(f.obj("chunks", required=True), "manifest: chunks")
     sha = model.sha256("sha256")
     size = model.integer("size", minimum=1)
-    chunk_size = chunks.integer("size", minimum=MIN_CHUNK, maximum=64 * 1024 * 1024)
+    # A chunk frame must fit the 16 MiB a device accepts in one packet (agent.link).
+    chunk_size = chunks.integer("size", minimum=MIN_CHUNK, maximum=MAX_CHUNK)
     hashes = raw["chunks"].get("sha256")
     want = -(-size // chunk_size)
     if not isinstance(hashes, list) or len(hashes) != want or not all(

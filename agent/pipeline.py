@@ -69,6 +69,7 @@ class CameraPipeline:
         self.last_result: Result | None = None
         self.last_frame: Frame | None = None  # the newest frame served (activation checks run on it)
         self.observers: list[Callable[[Frame, Result], None]] = []
+        self.swapped_at = (0, 0)  # (frames, errors) when the last swap took effect
         self._install_prepare(runner)
 
     def _install_prepare(self, runner: ModelRunner) -> None:
@@ -94,6 +95,8 @@ class CameraPipeline:
         with self._frame_lock:
             old, self._runner = self._runner, new_runner
             self._install_prepare(new_runner)
+            # what probation counts from: exactly the frames served by the new runner
+            self.swapped_at = (self.stats.frames, self.stats.errors)
         log.info("camera %s: now serving %s (%s, %s)", self.name, new_runner.card.name,
                  new_runner.backend.name, new_runner.precision)
         return old
@@ -127,19 +130,19 @@ class CameraPipeline:
             st["infer"].record(t2 - t1)
             st["postprocess"].record(t3 - t2)
             st["total"].record(pre_s + (t3 - t1))
-        self.stats.frames += 1
+            self.stats.frames += 1  # under the lock: swap() reads a count that is exact
         self.stats.fps.tick()
         self.stats.last_frame_at = time.monotonic()
         self.last_result = result
         self.last_frame = frame
-        for observe in self.observers:
+        for observe in list(self.observers):  # the updater may add or remove one meanwhile
             # Observers (calibration reservoir, drift) must be cheap and never block;
             # one that fails is reported and dropped, the camera goes on.
             try:
                 observe(frame, result)
             except Exception:
                 log.exception("camera %s: frame observer %r failed; removed", self.name, observe)
-                self.observers.remove(observe)
+                self.remove_observer(observe)
         if self._sink is not None:
             self._sink({
                 "camera": self.name,
@@ -151,6 +154,13 @@ class CameraPipeline:
                 "latency_ms": round((pre_s + t3 - t1) * 1e3, 2),
             })
         return True
+
+    def remove_observer(self, observe: Callable[[Frame, Result], None]) -> None:
+        """Safe from any thread, and if it is already gone."""
+        try:
+            self.observers.remove(observe)
+        except ValueError:
+            pass
 
     def _count_error(self, exc: BaseException) -> None:
         self.stats.errors += 1

@@ -180,10 +180,13 @@ class Fields:
             raise self.fail(key, f"must be an integer in {minimum}..{maximum}")
         return v
 
-    def number(self, key: str, default: float | None = None, *, minimum: float = 0.0) -> float:
+    def number(self, key: str, default: float | None = None, *, minimum: float = 0.0,
+               maximum: float = 1e15) -> float:
         v = self.msg.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < minimum:
-            raise self.fail(key, f"must be a number >= {minimum:g}")
+        ok = not isinstance(v, bool) and isinstance(v, (int, float))
+        # Compare before converting: a huge JSON integer would overflow float().
+        if not ok or v != v or not minimum <= v <= maximum:
+            raise self.fail(key, f"must be a number in {minimum:g}..{maximum:g}")
         return float(v)
 
     def obj(self, key: str, *, required: bool = False) -> dict[str, Any]:

@@ -114,8 +114,7 @@ class Serving:
                 kept = sum(reservoir.counts())
                 stage(S.CALIBRATING, progress=round(kept / (c.frames + c.holdout), 3))
         finally:
-            if reservoir in pipe.observers:
-                pipe.observers.remove(reservoir)
+            pipe.remove_observer(reservoir)
             reservoir.stop()
         if cancel.is_set():
             from agent.fetch import Cancelled

@@ -10,7 +10,10 @@ last model that passed probation (last-known-good), never the unproven one.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ from typing import Any
 from agent.atomic import atomic_write_json, read_json
 
 MAX_JOBS = 64
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class Slot:
     def from_dict(cls, d: Any) -> Slot | None:
         if not isinstance(d, dict) or not isinstance(d.get("sha256"), str):
             return None
+        if not isinstance(d.get("accuracy_min", 0.95), (int, float)):
+            return None
         return cls(sha256=d["sha256"], name=str(d.get("name", "")), precision=str(d.get("precision", "fp32")),
                    engine=str(d.get("engine", "")), job=str(d.get("job", "")), path=str(d.get("path", "")),
                    accuracy_min=float(d.get("accuracy_min", 0.95)),
@@ -45,7 +52,19 @@ class Slots:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        raw = read_json(self.path, {}) or {}
+        try:
+            raw = read_json(self.path, {}) or {}
+        except (OSError, ValueError) as exc:
+            # A damaged slots file must not keep the cameras dark: keep it for a look,
+            # and start from the config's models.
+            aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+            log.error("%s is unreadable (%s); moved to %s, starting from the config's models",
+                      self.path, exc, aside)
+            try:
+                os.replace(self.path, aside)
+            except OSError:
+                pass
+            raw = {}
         self._cameras: dict[str, dict[str, Any]] = raw.get("cameras", {}) if isinstance(raw, dict) else {}
         self._jobs: dict[str, dict[str, Any]] = raw.get("jobs", {}) if isinstance(raw, dict) else {}
 

@@ -45,6 +45,7 @@ class ModelStore:
         self.max_model_bytes = max_model_bytes
         self.models.mkdir(parents=True, exist_ok=True)
         self.partial.mkdir(parents=True, exist_ok=True)
+        self.clean_staging()
 
     def model_dir(self, sha256: str) -> Path:
         return self.models / sha256
@@ -69,6 +70,11 @@ class ModelStore:
         if free + already < manifest.size + 16 * 1024 * 1024:
             raise StoreError(f"disk full: {manifest.size} bytes needed, {free} free in {self.root}")
         return Download(self, manifest, envelope)
+
+    def clean_staging(self) -> None:
+        """Remove what an interrupted finish() left (called at start-up)."""
+        for p in self.models.glob(".*.staging"):
+            shutil.rmtree(p, ignore_errors=True)
 
     def discard(self, sha256: str) -> None:
         """Remove a partial download (after a failure)."""
@@ -102,10 +108,21 @@ class Download:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._bitmap_path = self.dir / "bitmap"
         self.bitmap = bytearray(manifest.n_chunks)
-        resumed = self._load_bitmap()
-        atomic_write_bytes(self.dir / "manifest.json", envelope)
         data = self.dir / "data"
-        self._fd = os.open(str(data), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            intact = data.stat().st_size == manifest.size
+        except FileNotFoundError:
+            intact = False
+        # A bitmap is only as good as the data file it describes: if that is gone or was
+        # never fully allocated (a crash inside finish() or begin()), start over.
+        resumed = self._load_bitmap() if intact else 0
+        try:
+            if not intact:
+                self._bitmap_path.unlink(missing_ok=True)
+            atomic_write_bytes(self.dir / "manifest.json", envelope)
+            self._fd = os.open(str(data), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(_os_reason(exc, f"cannot start the download in {self.dir}")) from exc
         try:
             if os.fstat(self._fd).st_size != manifest.size:
                 os.ftruncate(self._fd, manifest.size)
@@ -191,16 +208,24 @@ class Download:
                              f"{sha[:16]}...; download discarded")
         target = self.store.model_dir(sha)
         staging = self.store.models / f".{sha}.staging"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        os.replace(self.dir / "data", staging / "model.onnx")
-        os.replace(self.dir / "manifest.json", staging / "manifest.json")
-        atomic_write_json(staging / "card.json", {**self.manifest.card, "v": 1})
-        os.chmod(staging / "model.onnx", 0o444)
-        fsync_dir(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        fsync_dir(self.store.models)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            # Copy-free: the data file moves into staging; a crash from here on leaves a
+            # partial without data, which begin() treats as a fresh download.
+            os.replace(self.dir / "data", staging / "model.onnx")
+            os.replace(self.dir / "manifest.json", staging / "manifest.json")
+            atomic_write_json(staging / "card.json", {**self.manifest.card, "v": 1})
+            os.chmod(staging / "model.onnx", 0o444)
+            fsync_dir(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+            fsync_dir(self.store.models)
+        except OSError as exc:
+            self.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            self.store.discard(sha)
+            raise StoreError(_os_reason(exc, f"cannot store model {sha[:12]}")) from exc
         self.close()
         self.store.discard(sha)
         return target / "model.onnx"

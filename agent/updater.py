@@ -16,28 +16,34 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 from agent import deploy_states as S
 from agent.activate import Policy, Probation, live_check
-from agent.fetch import Cancelled, Chunk, ChunkSource, Fetcher
+from agent.fetch import Cancelled, Chunk, ChunkSource, Fetcher, FetchError
 from agent.manifest import AccuracyBound, Manifest, parse_manifest
 from agent.pipeline import CameraPipeline
-from agent.protocol import Fields, ProtocolError, now
+from agent.protocol import Fields, ProtocolError, now, valid_id
 from agent.signing import TrustStore, verify
 from agent.slots import Slot, Slots
 from agent.store import ModelStore
 from engines.errors import JetagentError
-from engines.modelcard import ModelCard, card_path_for, load_card
+from engines.modelcard import ModelCard
 from engines.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+INBOX_BYTES = 64 * 1024 * 1024  # chunks waiting for the worker, at most
+
+
+class Retryable(JetagentError):
+    """A failure of the surroundings (no manifest yet, no model server): reported, but the
+    job is not marked done, so the same desired state runs again after a restart."""
+
 
 class Transport(ChunkSource, Protocol):
-    def manifest(self, sha256: str, timeout: float) -> bytes | None:
-        """The retained signed manifest of a model, or None if none arrives in time."""
+    def manifest(self, sha256: str, timeout: float, cancel: threading.Event) -> bytes | None:
+        """The retained signed manifest of a model; None if none arrives in time or `cancel` is set."""
 
 
 StageFn = Callable[..., None]  # stage(state, **fields): a deploy state (or progress within it)
@@ -57,6 +63,9 @@ class Host(Protocol):
                  camera: str, stage: StageFn, cancel: threading.Event) -> tuple[ModelRunner, dict[str, Any]]:
         """Calibrate, build, gate; return the runner that serves and a JSON-able summary."""
 
+    def open_slot(self, slot: Slot, camera: str) -> ModelRunner:
+        """Open a model a slot names, the way it served (its precision and engine)."""
+
 
 @dataclass(frozen=True)
 class Desired:
@@ -73,13 +82,15 @@ class Desired:
         pol = Fields(f.obj("policy"), "desired: policy")
         d = Policy()
         policy = Policy(
-            probation_s=pol.number("probation_s", d.probation_s), min_fps=pol.number("min_fps", d.min_fps),
-            min_fps_ratio=pol.number("min_fps_ratio", d.min_fps_ratio),
+            probation_s=pol.number("probation_s", d.probation_s, maximum=24 * 3600),
+            min_fps=pol.number("min_fps", d.min_fps, maximum=10_000),
+            min_fps_ratio=pol.number("min_fps_ratio", d.min_fps_ratio, maximum=1.0),
             max_errors=pol.integer("max_errors", d.max_errors, maximum=10**6),
-            stall_s=pol.number("stall_s", d.stall_s), check_frames=pol.integer("check_frames", 3, maximum=100),
+            stall_s=pol.number("stall_s", d.stall_s, minimum=0.5, maximum=3600),
+            check_frames=pol.integer("check_frames", 3, minimum=1, maximum=100),
         )
         cams = msg.get("cameras", [])
-        if not isinstance(cams, list) or not all(isinstance(c, str) for c in cams):
+        if not isinstance(cams, list) or len(cams) > 64 or not all(isinstance(c, str) and valid_id(c) for c in cams):
             raise ProtocolError("desired: cameras: must be a list of camera names")
         precision = f.text("precision", "", required=False)
         if precision not in ("", "fp32", "fp16", "int8"):
@@ -97,31 +108,61 @@ class Updater:
         self.default_precision = default_precision
         self.fetch_options = fetch_options or {}
         self.manifest_timeout_s = manifest_timeout_s
-        self.chunks: queue.Queue[Chunk] = queue.Queue(maxsize=1024)
-        self._jobs: queue.Queue[Desired | str] = queue.Queue()
-        self._cancel = threading.Event()
+        self.chunks: queue.Queue[Chunk] = queue.Queue(maxsize=64)
+        self._active_sha = ""  # chunks of any other model are dropped on arrival
+        self.unsolicited_chunks = 0
+        # What is asked of the worker: the newest desired state (older ones it never started
+        # are superseded) and an operator rollback. Guarded by _cond.
+        self._cond = threading.Condition()
+        self._pending: Desired | None = None
+        self._rollback_reason: str | None = None
+        self._cancel = threading.Event()  # the running job's download/calibration should yield
         self._busy: Desired | None = None
-        self._lock = threading.Lock()
         self.last: dict[str, Any] = {}
         self.probations: list[Probation] = []
         self._stopping = False
         self._accuracy = AccuracyBound()
+        self._envelope = b""
 
-    # -- called from other threads (link callbacks, commands): enqueue only ------------------
+    # -- called from other threads (link callbacks, commands): record and return ----------------
     def submit(self, desired: Desired) -> None:
-        with self._lock:
-            if self._busy is not None and self._busy.job != desired.job:
+        with self._cond:
+            superseded = self._pending
+            self._pending = desired
+            if self._busy is not None and self._busy.job != desired.job and not self.probations:
                 self._cancel.set()  # a download or calibration in progress yields to the newer job
-        self._jobs.put(desired)
+            self._cond.notify_all()
+        if superseded is not None and superseded.job != desired.job:
+            log.info("deploy %s: superseded by %s before it started", superseded.job, desired.job)
 
     def request_rollback(self, reason: str = "operator asked for a rollback") -> None:
-        self._jobs.put(f"rollback:{reason}")
+        """During probation: end it now. Otherwise a job in progress yields and each camera
+        serves its previous model again."""
+        with self._cond:
+            self._rollback_reason = reason
+            if self._busy is not None and not self.probations:
+                self._cancel.set()
+            self._cond.notify_all()
 
     def on_chunk(self, chunk: Chunk) -> None:
+        """paho's thread. Only chunks of the model being downloaded are kept, within a byte
+        budget; anything else (a late reply, or replies someone else asked for) is dropped."""
+        if chunk.sha256 != self._active_sha:
+            self.unsolicited_chunks += 1
+            return
         try:
             self.chunks.put_nowait(chunk)
-        except queue.Full:  # the worker is behind: the chunk is re-requested after its timeout
-            log.warning("chunk inbox full; dropping chunk %d", chunk.index)
+        except queue.Full:  # the worker is behind: the chunk is asked for again after its timeout
+            log.debug("chunk inbox full; dropping chunk %d", chunk.index)
+
+    def cancel(self) -> None:
+        """Agent shutdown: what runs stops without a verdict. A download keeps its durable
+        progress, a job in probation keeps `pending` (ignored at the next start), nothing is
+        recorded as done, so the retained desired state runs again after the restart."""
+        self._stopping = True
+        self._cancel.set()
+        with self._cond:
+            self._cond.notify_all()
 
     # -- the worker ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -129,31 +170,57 @@ class Updater:
             self.run_once(timeout=0.5)
 
     def run_once(self, timeout: float = 0.5) -> bool:
+        with self._cond:
+            if self._pending is None and self._rollback_reason is None:
+                self._cond.wait(timeout)
+            if self._stopping:
+                return False
+            if self._rollback_reason is not None:
+                reason, self._rollback_reason = self._rollback_reason, None
+                job: Desired | None = None
+            else:
+                job, self._pending = self._pending, None
+                if job is None:
+                    return False
+                self._busy = job
+                self._cancel.clear()
         try:
-            job = self._jobs.get(timeout=timeout)
-        except queue.Empty:
-            return False
-        if isinstance(job, str):
-            self._rollback_committed(job.split(":", 1)[1])
-            return True
-        while True:  # only the newest queued desired state matters
-            try:
-                newer = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(newer, str):
-                self._jobs.put(newer)
-                break
-            job = newer
-        with self._lock:
-            self._busy = job
-            self._cancel.clear()
-        try:
-            self._deploy(job)
+            if job is None:
+                self._guarded(lambda: self._rollback_committed(reason), "rollback")
+            else:
+                self._guarded(lambda: self._deploy(job), job.job)
         finally:
-            with self._lock:
+            with self._cond:
                 self._busy = None
         return True
+
+    def _guarded(self, work: Callable[[], None], what: str) -> None:
+        """A bug or an OS error in a job must not kill the worker: the job ends with the reason."""
+        try:
+            work()
+        except Exception as exc:
+            log.exception("deploy %s: internal error", what)
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            for p in self.probations:  # an unproven model never stays without a watcher
+                try:
+                    p.reason = reason
+                    p.rollback()
+                    self.slots.clear_pending(p.pipeline.name)
+                except Exception:
+                    log.exception("rollback after an internal error failed")
+            state = S.ROLLED_BACK if self.probations else S.FAILED
+            self.probations = []
+            if self.last.get("job") == what and self.last.get("state") not in S.TERMINAL:
+                try:
+                    self._publish_unchecked(what, state, reason)
+                except Exception:
+                    log.exception("cannot report the internal error")
+
+    def _publish_unchecked(self, job: str, state: str, reason: str) -> None:
+        msg = {**self.last, "job": job, "state": state, "reason": reason, "ts": now()}
+        msg.pop("progress", None)
+        self.last = msg
+        self.report(msg)
 
     def _publish(self, job: Desired, state: str, **fields: Any) -> None:
         prev = self.last.get("state") if self.last.get("job") == job.job else None
@@ -164,8 +231,11 @@ class Updater:
         self.last = msg
         log.info("deploy %s: %s%s", job.job, state, f" ({fields['reason']})" if fields.get("reason") else "")
         self.report(msg)
-        if state in S.TERMINAL:
-            self.slots.record_job(job.job, {"state": state, "reason": fields.get("reason", ""), "ts": msg["ts"]})
+        if state in (S.ACTIVE, S.ROLLED_BACK) or (state == S.FAILED and not fields.get("retryable")):
+            try:
+                self.slots.record_job(job.job, {"state": state, "reason": fields.get("reason", ""), "ts": msg["ts"]})
+            except OSError as exc:
+                log.error("cannot record the outcome of %s: %s", job.job, exc)
 
     def _stage(self, job: Desired, state: str, **fields: Any) -> None:
         """From `Host.optimize`: a new state is a transition; the same state again is progress."""
@@ -175,12 +245,6 @@ class Updater:
             self.report(msg)
         else:
             self._publish(job, state, **fields)
-
-    def cancel(self) -> None:
-        """Stop what is running (agent shutdown): a download or calibration yields, probation ends
-        undecided (the pending slot is ignored at the next start, and the job runs again)."""
-        self._stopping = True
-        self._cancel.set()
 
     def _targets(self, job: Desired) -> dict[str, CameraPipeline]:
         pipes = self.host.pipelines()
@@ -192,19 +256,31 @@ class Updater:
                                 f"(it has {', '.join(pipes)})")
         return {c: pipes[c] for c in job.cameras}
 
+    def _serving(self, job: Desired, targets: dict[str, CameraPipeline]) -> bool:
+        want = job.precision
+        return all(p.runner.sha256 == job.sha256 and (not want or p.runner.precision == want)
+                   for p in targets.values())
+
     def _deploy(self, job: Desired) -> None:
         done = self.slots.job_outcome(job.job)
-        if done is not None:  # a retained desired state seen again after a restart
-            log.info("deploy %s: already %s", job.job, done.get("state"))
-            return
+        if done is not None:
+            # A job seen again (a retained desired state after a restart, or a group's state
+            # applying again once the device's own was cleared). An outcome other than
+            # "active" stands (push a new job to try again); "active" stands only while the
+            # cameras still serve it.
+            try:
+                serving = self._serving(job, self._targets(job))
+            except JetagentError:
+                serving = False
+            if done.get("state") != S.ACTIVE or serving:
+                log.info("deploy %s: already %s", job.job, done.get("state"))
+                return
         self.last = {}
         self._publish(job, S.RECEIVED, source=job.source)
         opened: dict[str, ModelRunner] = {}
         try:
             targets = self._targets(job)
-            want = job.precision
-            if all(p.runner.sha256 == job.sha256 and (not want or p.runner.precision == want)
-                   for p in targets.values()):
+            if self._serving(job, targets):
                 self._publish(job, S.ACTIVATING)
                 self._publish(job, S.ACTIVE, reason="already serving this model",
                               precision=next(iter(targets.values())).runner.precision)
@@ -235,22 +311,37 @@ class Updater:
                 live_check(targets[cam], runner, job.policy)
         except Cancelled as exc:
             self._close(opened)
-            self._publish(job, S.CANCELLED, reason=str(exc))
+            if self._stopping:  # shutdown: no verdict; the durable download resumes after the restart
+                log.info("deploy %s: interrupted by shutdown", job.job)
+                return
+            with self._cond:
+                why = "an operator rollback" if self._rollback_reason is not None else str(exc)
+            self._publish(job, S.CANCELLED, reason=why)
+            return
+        except Retryable as exc:
+            self._close(opened)
+            self._publish(job, S.FAILED, reason=str(exc), retryable=True)
             return
         except JetagentError as exc:
             self._close(opened)
-            if self.store.has(job.sha256) and not self.slots.in_use() & {job.sha256}:
+            if self.store.has(job.sha256) and job.sha256 not in self.slots.in_use():
                 self.store.remove(job.sha256)  # a model that cannot serve here leaves nothing behind
             self.store.discard(job.sha256)
             self._publish(job, S.FAILED, reason=str(exc))
             return
+        except BaseException:
+            self._close(opened)
+            self.store.discard(job.sha256)
+            raise
         self._probation(job, targets, opened)
 
     def _manifest(self, job: Desired) -> Manifest:
-        envelope = self.transport.manifest(job.sha256, self.manifest_timeout_s)
+        envelope = self.transport.manifest(job.sha256, self.manifest_timeout_s, self._cancel)
+        if self._cancel.is_set():
+            raise Cancelled("the deployment was interrupted")
         if envelope is None:
-            raise JetagentError(f"no manifest for model {job.sha256[:12]} on the broker after "
-                                f"{self.manifest_timeout_s:.0f} s (was it pushed?)")
+            raise Retryable(f"no manifest for model {job.sha256[:12]} on the broker after "
+                            f"{self.manifest_timeout_s:.0f} s (was it pushed?)")
         manifest = parse_manifest(verify(envelope, self.trust))
         self._accuracy = manifest.accuracy
         if manifest.sha256 != job.sha256:
@@ -265,8 +356,8 @@ class Updater:
         download = self.store.begin(manifest, self._envelope)
         self._publish(job, S.DOWNLOADING, name=manifest.name, size=manifest.size, progress=0.0,
                       resumed_chunks=download.resumed_chunks)
-        while not self.chunks.empty():  # replies to an older job
-            self.chunks.get_nowait()
+        self.chunks = queue.Queue(maxsize=max(8, INBOX_BYTES // manifest.chunk_size))
+        self._active_sha = job.sha256
 
         def progress(done: int, total: int, st: Any) -> None:
             msg = dict(self.last, progress=round(done / total, 3), rejected_chunks=st.rejected, ts=now())
@@ -277,9 +368,16 @@ class Updater:
         try:
             fetcher.run(self._cancel)
             download.finish()
-        except JetagentError:
+        except FetchError as exc:
+            download.close()
+            if exc.retryable:  # nothing arrived: keep what is durable for the next try
+                raise Retryable(str(exc)) from exc
+            raise
+        except BaseException:
             download.close()
             raise
+        finally:
+            self._active_sha = ""
         st = fetcher.stats
         self.last.update(download={"seconds": round(st.seconds, 3), "requested": st.requested,
                                    "rejected": st.rejected, "re_requested": st.re_requested,
@@ -298,9 +396,11 @@ class Updater:
             if self._stopping:  # shutdown: neither commit nor roll back; the next start serves `active`
                 log.info("deploy %s: probation interrupted by shutdown", job.job)
                 return
-            if self._rollback_asked():
+            with self._cond:
+                asked, self._rollback_reason = self._rollback_reason, None
+            if asked is not None:
                 for p in self.probations:
-                    p.reason = p.reason or "operator asked for a rollback"
+                    p.reason = p.reason or asked
                 verdicts = {p.pipeline.name: "fail" for p in self.probations}
                 break
             for p in self.probations:
@@ -310,7 +410,8 @@ class Updater:
                         verdicts[p.pipeline.name] = v
             if "fail" in verdicts.values():
                 break
-            time.sleep(0.1)
+            with self._cond:
+                self._cond.wait(0.1)
         measured = {p.pipeline.name: p.measured() for p in self.probations}
         if "fail" in verdicts.values():
             reasons = [f"{p.pipeline.name}: {p.reason}" for p in self.probations if p.reason]
@@ -332,18 +433,9 @@ class Updater:
         return Slot(job.sha256, runner.card.name, runner.precision, job=job.job,
                     accuracy_min=self._accuracy.minimum, accuracy_metric=self._accuracy.metric)
 
-    def _rollback_asked(self) -> bool:
-        try:
-            item = self._jobs.get_nowait()
-        except queue.Empty:
-            return False
-        if isinstance(item, str):
-            return True
-        self._jobs.put(item)  # a newer desired state waits until probation decides
-        return False
-
     def _rollback_committed(self, reason: str) -> None:
-        """Operator rollback outside probation: serve each camera's previous slot again."""
+        """Operator rollback outside probation: serve each camera's previous slot again,
+        opened the way it served (its precision and engine)."""
         pipes = self.host.pipelines()
         job = Desired(job=f"rollback-{int(time.time())}", sha256="0" * 64, source="command")
         swapped = []
@@ -351,15 +443,9 @@ class Updater:
             prev, cur = self.slots.previous(cam), self.slots.active(cam) or _slot_of(pipe.runner)
             if prev is None:
                 continue
-            if self.store.has(prev.sha256):
-                model, card_file = self.store.model_path(prev.sha256), self.store.card_path(prev.sha256)
-            elif prev.path and Path(prev.path).is_file():  # the config's bootstrap model
-                model, card_file = Path(prev.path), card_path_for(prev.path)
-            else:
-                continue
             job = replace(job, sha256=prev.sha256)
             try:
-                runner = self.host.open_runner(str(model), load_card(card_file), prev.sha256, prev.precision)
+                runner = self.host.open_slot(prev, cam)
                 live_check(pipe, runner, Policy())
             except JetagentError as exc:
                 self.report({"v": 1, "job": job.job, "state": S.FAILED, "model": prev.sha256, "ts": now(),

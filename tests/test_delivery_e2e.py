@@ -14,6 +14,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.protocol_delivery import chunk_frame, parse_get_request
 from broker import Broker
@@ -150,8 +152,11 @@ class RogueServer:
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         sha = msg.topic.split("/")[2]
         _, chunks = parse_get_request(bytes(msg.payload), 10**6)
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = msg.properties.CorrelationData  # a server: it sees the requests
         for i in chunks:
-            client.publish(msg.properties.ResponseTopic, chunk_frame(sha, i, os.urandom(4096)), qos=1)
+            client.publish(msg.properties.ResponseTopic, chunk_frame(sha, i, os.urandom(4096)), qos=1,
+                           properties=props)
             self.answered += 1
 
     def close(self) -> None:

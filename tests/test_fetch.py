@@ -37,9 +37,9 @@ class Server:
                 continue
             if self.corrupt.get(i, 0) > 0:
                 self.corrupt[i] -= 1
-                self.inbox.put(Chunk(sha256, i, os.urandom(CHUNK)))
+                self.inbox.put(Chunk(sha256, i, os.urandom(CHUNK), request_id))
                 continue
-            self.inbox.put(Chunk(sha256, i, self.data[i * CHUNK:(i + 1) * CHUNK]))
+            self.inbox.put(Chunk(sha256, i, self.data[i * CHUNK:(i + 1) * CHUNK], request_id))
 
 
 def setup(tmp_path: Path, n: int = 40):

@@ -89,3 +89,25 @@ def test_gc_keeps_the_slots(tmp_path: Path) -> None:
         shas.append(m.sha256)
     assert sorted(store.gc({shas[0], shas[2]})) == [shas[1]]
     assert store.stored() == sorted([shas[0], shas[2]])
+
+
+def test_a_crash_inside_finish_restarts_the_download_cleanly(tmp_path: Path) -> None:
+    data = os.urandom(3 * 4096)
+    m = manifest_for(data)
+    store = ModelStore(tmp_path)
+    d = store.begin(m, b"{}")
+    for i in range(3):
+        d.write_chunk(i, data[i * 4096:(i + 1) * 4096])
+    d.flush()
+    d.close()
+    # the power goes after finish() moved the data into staging
+    staging = store.models / f".{m.sha256}.staging"
+    staging.mkdir()
+    os.replace(store.partial / m.sha256 / "data", staging / "model.onnx")
+    again = ModelStore(tmp_path)  # the next start
+    assert not staging.exists()
+    d2 = again.begin(m, b"{}")
+    assert d2.missing() == [0, 1, 2]  # a full bitmap without its data is not believed
+    for i in range(3):
+        d2.write_chunk(i, data[i * 4096:(i + 1) * 4096])
+    assert d2.finish().read_bytes() == data

@@ -18,7 +18,7 @@ from agent.fetch import Chunk
 from agent.fleetrepo import ModelRepo
 from agent.pipeline import CameraPipeline
 from agent.signing import TrustStore, generate_keys
-from agent.slots import Slots
+from agent.slots import Slot, Slots
 from agent.sources import Grabber, parse_source
 from agent.store import ModelStore
 from agent.updater import Desired, Updater
@@ -35,7 +35,7 @@ class RepoTransport:
         self.requests: list[int] = []
         self.envelopes: dict[str, bytes] = {}
 
-    def manifest(self, sha256: str, timeout: float) -> bytes | None:
+    def manifest(self, sha256: str, timeout: float, cancel: threading.Event) -> bytes | None:
         if sha256 in self.envelopes:
             return self.envelopes[sha256]
         try:
@@ -49,12 +49,13 @@ class RepoTransport:
         for i in indices:
             self.requests.append(i)
             a, b = e.manifest.chunk_range(i)
-            self.ref[0].on_chunk(Chunk(sha256, i, data[a:b]))
+            self.ref[0].on_chunk(Chunk(sha256, i, data[a:b], request_id))
 
 
 class Host:
-    def __init__(self, pipes: dict[str, CameraPipeline]) -> None:
+    def __init__(self, pipes: dict[str, CameraPipeline], store: ModelStore) -> None:
         self._pipes = pipes
+        self.store = store
 
     def pipelines(self) -> dict[str, CameraPipeline]:
         return self._pipes
@@ -64,6 +65,13 @@ class Host:
 
     def needs_optimize(self, precision: str) -> bool:
         return False
+
+    def open_slot(self, slot: Slot, camera: str) -> ModelRunner:
+        from engines.modelcard import card_path_for, load_card
+
+        path = self.store.model_path(slot.sha256) if self.store.has(slot.sha256) else Path(slot.path)
+        card = self.store.card_path(slot.sha256) if self.store.has(slot.sha256) else card_path_for(slot.path)
+        return self.open_runner(str(path), load_card(card), slot.sha256, slot.precision)
 
     def optimize(self, *args: Any) -> tuple[ModelRunner, dict[str, Any]]:
         raise AssertionError("fp32 only in these tests")
@@ -102,8 +110,9 @@ class Rig:
         self.reports: list[dict[str, Any]] = []
         ref: list[Updater] = []
         self.transport = RepoTransport(self.repo, ref)
-        self.updater = Updater(Host({"front": self.pipe}), self.store, self.slots, TrustStore.from_files([pub]),
-                               self.transport, self.reports.append, manifest_timeout_s=1.0)
+        self.updater = Updater(Host({"front": self.pipe}, self.store), self.store, self.slots,
+                               TrustStore.from_files([pub]), self.transport, self.reports.append,
+                               manifest_timeout_s=1.0)
         ref.append(self.updater)
         self.stop = threading.Event()
         g.start()
@@ -252,3 +261,136 @@ def test_slow_model_is_rolled_back_below_the_fps_floor(rig: Rig, tmp_path: Path)
     out = rig.deploy(sha, "slow", probation_s=2.0, min_fps_ratio=0.6)
     assert out["state"] == S.ROLLED_BACK and "below the floor" in out["reason"], out
     assert rig.pipe.runner.sha256 != sha
+
+
+def test_shutdown_mid_download_leaves_no_verdict_and_the_job_runs_again(rig: Rig, tmp_path: Path) -> None:
+    sha = rig.push(second_model(tmp_path))
+    rig.transport.connected = False  # the download waits (paused, not failing)
+    rig.updater.submit(Desired.parse({"v": 1, "job": "j", "model": sha}))
+    deadline = time.monotonic() + 10
+    while not any(r["state"] == S.DOWNLOADING for r in rig.reports) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rig.updater.cancel()  # the agent stops
+    time.sleep(0.5)
+    assert rig.reports[-1]["state"] == S.DOWNLOADING  # no "cancelled", no "failed"
+    assert rig.slots.job_outcome("j") is None and rig.store.partials() == [sha]
+    # the next process (same state) runs the same retained desired state to the end
+    rig.close()
+    again = Updater(rig.updater.host, rig.store, Slots(tmp_path / "state" / "slots.json"), rig.updater.trust,
+                    rig.transport, rig.reports.append)
+    rig.transport.ref[0] = again
+    rig.transport.connected = True
+    again.submit(Desired.parse({"v": 1, "job": "j", "model": sha, "policy": {"probation_s": 0.5}}))
+    stop = threading.Event()
+    worker = threading.Thread(target=again.run, args=(stop,))
+    worker.start()
+    g = Grabber(parse_source("/dev/video99"), opener=lambda spec: rig.camera, name="front")
+    rig.pipe.grabber = g
+    g.start()
+    cam = threading.Thread(target=rig.pipe.run, args=(stop,))
+    cam.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not (rig.reports[-1]["job"] == "j" and rig.reports[-1]["state"] in S.TERMINAL):
+            assert time.monotonic() < deadline, rig.reports[-3:]
+            time.sleep(0.05)
+        assert rig.reports[-1]["state"] == S.ACTIVE
+    finally:
+        stop.set()
+        worker.join(5)
+        cam.join(5)
+        g.stop()
+
+
+def test_an_os_error_fails_the_job_and_the_worker_goes_on(rig: Rig, tmp_path: Path, monkeypatch) -> None:
+    from agent import store as store_mod
+
+    def broken(*a: Any, **k: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    sha = rig.push(second_model(tmp_path))
+    monkeypatch.setattr(store_mod, "atomic_write_json", broken)  # finish() cannot write the card
+    out = rig.deploy(sha, "enospc")
+    assert out["state"] == S.FAILED and "disk full" in out["reason"], out
+    assert rig.store.partials() == [] and not list(rig.store.models.glob(".*"))
+    monkeypatch.undo()
+
+    def bug(*a: Any, **k: Any) -> ModelRunner:
+        raise RuntimeError("a bug in opening models")
+
+    monkeypatch.setattr(rig.updater.host, "open_runner", bug)
+    out = rig.deploy(sha, "bug")
+    assert out["state"] == S.FAILED and "internal error: RuntimeError: a bug" in out["reason"], out
+    monkeypatch.undo()
+    assert rig.deploy(sha, "after")["state"] == S.ACTIVE  # the worker is alive
+
+
+def test_a_newer_desired_state_during_probation_is_the_one_that_runs(rig: Rig, tmp_path: Path) -> None:
+    a, b, c = (rig.push(second_model(tmp_path, n)) for n in ("va", "vb", "vc"))
+    rig.updater.submit(Desired.parse({"v": 1, "job": "A", "model": a, "policy": {"probation_s": 1.5}}))
+    deadline = time.monotonic() + 10
+    while not any(r["job"] == "A" and r["state"] == S.PROBATION for r in rig.reports):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    rig.updater.submit(Desired.parse({"v": 1, "job": "B", "model": b}))
+    rig.updater.submit(Desired.parse({"v": 1, "job": "C", "model": c, "policy": {"probation_s": 0.5}}))
+    out = rig.deploy(c, "C")  # waits for C's verdict (the rig resubmits the same job: a no-op)
+    assert out["state"] == S.ACTIVE and rig.pipe.runner.sha256 == c
+    assert not any(r["job"] == "B" for r in rig.reports)  # superseded before it started
+
+
+def test_back_to_the_group_model_when_the_own_desired_state_is_cleared(rig: Rig, tmp_path: Path) -> None:
+    g, d = rig.push(second_model(tmp_path, "vg")), rig.push(second_model(tmp_path, "vd"))
+    assert rig.deploy(g, "group-job")["state"] == S.ACTIVE
+    assert rig.deploy(d, "device-job")["state"] == S.ACTIVE
+    n = len(rig.reports)
+    rig.updater.submit(Desired.parse({"v": 1, "job": "group-job", "model": g, "policy": {"probation_s": 0.5}}))
+    deadline = time.monotonic() + 15
+    while not any(r["job"] == "group-job" and r["state"] == S.ACTIVE for r in rig.reports[n:]):
+        assert time.monotonic() < deadline, rig.reports[n:]
+        time.sleep(0.05)
+    assert rig.pipe.runner.sha256 == g
+
+
+def test_a_rollback_asked_during_a_download_cancels_it_then_rolls_back(rig: Rig, tmp_path: Path) -> None:
+    v1 = rig.pipe.runner.sha256
+    v2, v3 = rig.push(second_model(tmp_path, "v2")), rig.push(second_model(tmp_path, "v3"))
+    assert rig.deploy(v2, "to-v2")["state"] == S.ACTIVE
+    rig.transport.connected = False
+    rig.updater.submit(Desired.parse({"v": 1, "job": "to-v3", "model": v3}))
+    deadline = time.monotonic() + 10
+    while not any(r["job"] == "to-v3" and r["state"] == S.DOWNLOADING for r in rig.reports):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    rig.updater.request_rollback("bad day")
+    deadline = time.monotonic() + 10
+    while rig.pipe.runner.sha256 != v1:
+        assert time.monotonic() < deadline, rig.reports[-3:]
+        time.sleep(0.05)
+    states = {(r["job"], r["state"]) for r in rig.reports}
+    assert ("to-v3", S.CANCELLED) in states
+    assert any(r["state"] == S.ACTIVE and "bad day" in r.get("reason", "") for r in rig.reports)
+
+
+def test_unsolicited_chunks_are_dropped_on_arrival(rig: Rig) -> None:
+    rig.updater.on_chunk(Chunk("a" * 64, 0, b"x" * 100, "r"))
+    assert rig.updater.chunks.empty() and rig.updater.unsolicited_chunks == 1
+
+
+@pytest.mark.parametrize("policy, where", [
+    ({"probation_s": 1e300}, "probation_s"), ({"probation_s": 10**400}, "probation_s"),
+    ({"check_frames": 0}, "check_frames"), ({"min_fps_ratio": 2}, "min_fps_ratio"),
+])
+def test_unreasonable_policies_are_refused(policy: dict, where: str) -> None:
+    from agent.protocol import ProtocolError
+
+    with pytest.raises(ProtocolError, match=where):
+        Desired.parse({"v": 1, "job": "j", "model": "a" * 64, "policy": policy})
+
+
+def test_a_damaged_slots_file_is_set_aside(tmp_path: Path) -> None:
+    p = tmp_path / "slots.json"
+    p.write_text("{half a json")
+    slots = Slots(p)
+    assert slots.active("front") is None
+    assert list(tmp_path.glob("slots.json.damaged-*"))

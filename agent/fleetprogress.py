@@ -220,8 +220,7 @@ def group_members(client: FleetClient, group: str, *, expect: int = 0, wait_s: f
     client.subscribe(client.topics.all_states(), view.apply)
 
     def members() -> list[str]:
-        with view._lock:
-            return sorted(d for d, rec in view.devices.items() if group in groups_of(rec.state))
+        return sorted(rec.device_id for rec in view.records() if group in groups_of(rec.state))
 
     # the retained states come in a burst after the SUBACK; live devices keep refreshing
     # theirs, so wait until no new device has shown up for a while rather than for silence
@@ -229,8 +228,7 @@ def group_members(client: FleetClient, group: str, *, expect: int = 0, wait_s: f
     seen = 0
     while time.monotonic() - last_new < 0.3 and time.monotonic() - start < 2.0:
         time.sleep(0.02)
-        with view._lock:
-            n = len(view.devices)
+        n = len(view.records())
         if n != seen:
             seen, last_new = n, time.monotonic()
     deadline = time.monotonic() + wait_s

@@ -187,8 +187,10 @@ def result_rows(targets: list[Target]) -> list[dict[str, Any]]:
 def finish(targets: list[Target], as_json: bool, out: TextIO, *, waited: bool = True) -> int:
     if as_json:
         print(json.dumps(result_rows(targets), indent=2))
+    if not waited:
+        return 0
     late = [t.device_id for t in targets if not t.terminal]
-    if late and waited:
+    if late:
         print(f"timed out waiting for {', '.join(late)} (the desired state stays; devices carry on)", file=out)
     return exit_code(targets)
 
@@ -211,7 +213,7 @@ def push(client: FleetClient, spec: PushSpec, *, devices: list[str], group: str 
         print(f"note       no device of group {group} is on the broker yet; the retained desired state waits "
               "for them", file=out)
     if not wait:
-        return finish(watch.snapshot(), as_json, out, waited=False) if as_json else 0
+        return finish(watch.snapshot(), as_json, out, waited=False)
     final = watch.follow(Display(out), timeout, f"job {job}")
     return finish(final, as_json, out)
 

@@ -47,18 +47,19 @@ class Rollout:
             self._promote()
         if self.state["phase"] == "halting":
             self._halt()
+        elif self.state["phase"] == "promoted" and "devices" not in self.state["outcome"] and self.wait:
+            self._follow_group()  # interrupted while following the group: follow it again
         return self.finish()
 
     # -- canaries --------------------------------------------------------------------------
     def _health(self, device: str) -> dict[str, Any]:
-        with self.view._lock:
-            rec = self.view.devices.get(device)
-            if rec is None or rec.state is None:
-                return {"device_state": None}
-            row = device_row(rec, time.time())
-            errors = (rec.state.get("summary") or {}).get("errors")
-            return {"device_state": rec.state.get("state"), "fps": row["fps"], "boot": rec.state.get("boot"),
-                    "errors": errors if isinstance(errors, int) and not isinstance(errors, bool) else None}
+        rec = self.view.record(device)
+        if rec is None or rec.state is None:
+            return {"device_state": None}
+        row = device_row(rec, time.time())
+        errors = (rec.state.get("summary") or {}).get("errors")
+        return {"device_state": rec.state.get("state"), "fps": row["fps"], "boot": rec.state.get("boot"),
+                "errors": errors if isinstance(errors, int) and not isinstance(errors, bool) else None}
 
     def _canary(self) -> None:
         st, plan = self.state, self.plan
@@ -125,12 +126,16 @@ class Rollout:
         st["phase"], st["outcome"] = "promoted", {"result": "promoted", "reason": st.get("decision", "")}
         self.save()
         if self.wait:
-            watch = DeployWatch(self.topics, {d: st["group_job"] for d in st["members"]})
-            watch.subscribe(self.client)
-            final = watch.follow(self.display, plan.timeout_s, f"rollout {st['id']}: group {plan.group}, "
-                                                               f"job {st['group_job']}")
-            st["outcome"]["devices"] = result_rows(final)
-            self.save()
+            self._follow_group()
+
+    def _follow_group(self) -> None:
+        st = self.state
+        watch = DeployWatch(self.topics, {d: st["group_job"] for d in st["members"]})
+        watch.subscribe(self.client)
+        final = watch.follow(self.display, self.plan.timeout_s, f"rollout {st['id']}: group {self.plan.group}, "
+                                                                f"job {st['group_job']}")
+        st["outcome"]["devices"] = result_rows(final)
+        self.save()
 
     def _clear_canaries(self) -> None:
         """An empty retained payload clears a canary's own desired state: it follows the group."""

@@ -77,6 +77,16 @@ class FleetView:
                 rec.health = msg
                 rec.seqs += 1
 
+    def record(self, device_id: str) -> DeviceRecord | None:
+        """A copy of one device's record (None if never seen)."""
+        with self._lock:
+            rec = self.devices.get(device_id)
+            return None if rec is None else DeviceRecord(rec.device_id, rec.state, rec.health, rec.seqs)
+
+    def records(self) -> list[DeviceRecord]:
+        with self._lock:
+            return [DeviceRecord(r.device_id, r.state, r.health, r.seqs) for r in self.devices.values()]
+
     def settle(self, quiet_s: float = 0.3, max_s: float = 2.0) -> None:
         """Wait until messages stop arriving for `quiet_s` (retained ones come in a burst), at most `max_s`."""
         start = time.monotonic()

@@ -257,7 +257,7 @@ def add_push_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--accuracy-min", type=_fraction, help="least agreement with FP32 an INT8/FP16 build must show")
     p.add_argument("--probation", type=_positive, help="seconds of health-gated probation after the swap")
     p.add_argument("--min-fps", type=float, help="roll back on probation below this FPS")
-    p.add_argument("--chunk-size", type=_size, help="bytes per chunk (default: 1 MiB for models of 32 MiB or "
+    p.add_argument("--chunk-size", type=_size, help="bytes per chunk (default: 1 MiB for models of 16 MiB or "
                                                     "more, else 256 KiB; never over the broker's limit)")
     p.add_argument("--json", action="store_true", help="print the outcome per device as JSON")
 

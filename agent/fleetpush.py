@@ -35,7 +35,7 @@ from engines.modelcard import ModelCard, card_path_for, check_backend, load_card
 log = logging.getLogger(__name__)
 
 KIB, MIB = 1024, 1024 * 1024
-LARGE_MODEL = 32 * MIB  # from here on 1 MiB chunks; below, 256 KiB
+LARGE_MODEL = 16 * MIB  # from here on 1 MiB chunks (16+ of them fill a device's request window); below, 256 KiB
 
 
 def validate_model(model: Path, card_path: Path) -> ModelCard:
@@ -70,10 +70,12 @@ def chunk_limit(broker_max_packet: int, prefix: str) -> int:
 
 def choose_chunk_size(model_size: int, broker_max_packet: int, prefix: str,
                       requested: int | None = None) -> tuple[int, str]:
-    """(chunk size, why). 1 MiB for models of 32 MiB and more (fewer, larger messages move
-    faster: FACTS.md measured 180-420 MB/s at 256 KiB-1 MiB); 256 KiB below that, so even
-    a small model is 16+ chunks that fill the device's request window and move the
-    progress bar. Never more than the broker's CONNACK and the device's 16 MiB allow."""
+    """(chunk size, why). 1 MiB once a model is 16 MiB or more: at least 16 chunks fill a
+    device's request window (16 in flight), and fewer, larger messages move faster (with
+    Mosquitto's default Nagle on its sockets, 256 KiB chunks moved 68-79 MB/s and 1 MiB ones
+    150-200 MB/s here; scripts/bench_serve.py). Below that, 256 KiB, so a small model is
+    still several chunks that pipeline and move the progress bar. Never more than the
+    broker's CONNACK and the device's 16 MiB allow."""
     limit = chunk_limit(broker_max_packet, prefix)
     where = f"the broker's Maximum Packet Size is {broker_max_packet} bytes, a device's {INBOUND_MAX_PACKET}"
     if requested is not None:
@@ -82,8 +84,8 @@ def choose_chunk_size(model_size: int, broker_max_packet: int, prefix: str,
         return requested, "as asked (--chunk-size)"
     preferred = MIB if model_size >= LARGE_MODEL else 256 * KIB
     if preferred <= limit:
-        why = "a model of 32 MiB or more" if preferred == MIB else "a model under 32 MiB: 16+ chunks keep the " \
-                                                                   "device's request window full"
+        why = ("a model of 16 MiB or more: 16+ chunks of 1 MiB fill the device's request window" if preferred == MIB
+               else "a model under 16 MiB: smaller chunks keep several in flight")
         return preferred, why
     size = 1 << (limit.bit_length() - 1)
     if size < MIN_CHUNK:

@@ -102,7 +102,7 @@ class Rollout:
         elif rec["active_since"] is not None:
             h = self._health(t.device_id)
             grown = (h["errors"] - rec["errors0"]) if h.get("errors") is not None and rec["errors0"] is not None else 0
-            row.reason = (f"watching {now - rec['active_since']:.0f}/{self.plan.promote_after_s:g} s, "
+            row.reason = (f"watching {max(0.0, now - rec['active_since']):.0f}/{self.plan.promote_after_s:g} s, "
                           f"fps {h.get('fps')}, errors +{grown}")
         return row
 

@@ -149,7 +149,7 @@ def test_chunk_size_follows_the_model_size_and_the_packet_limits(tmp_path: Path,
     unlimited = 268435460
     assert choose_chunk_size(10 * MIB, unlimited, "jetagent")[0] == 256 * KIB
     size, why = choose_chunk_size(LARGE_MODEL, unlimited, "jetagent")
-    assert size == MIB and "32 MiB or more" in why
+    assert size == MIB and "16 MiB or more" in why
     assert choose_chunk_size(LARGE_MODEL, 600 * KIB, "jetagent")[0] == 512 * KIB  # 1 MiB does not fit
     assert choose_chunk_size(1 * MIB, 100 * KIB, "jetagent")[0] == 64 * KIB
     assert chunk_limit(unlimited, "jetagent") < 16 * MIB  # the device's own limit binds

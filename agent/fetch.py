@@ -46,7 +46,7 @@ class Cancelled(JetagentError):
 class Chunk:
     sha256: str
     index: int
-    data: bytes
+    data: bytes | memoryview
     request_id: str = ""  # the correlation data of the request it answers
 
 

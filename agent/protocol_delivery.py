@@ -36,12 +36,13 @@ def chunk_frame(sha256: str, index: int, data: bytes) -> bytes:
     return MAGIC + _HEADER.pack(bytes.fromhex(sha256), index) + data
 
 
-def parse_chunk_frame(payload: bytes) -> tuple[str, int, bytes]:
-    """(sha256, index, data). Raises ProtocolError for anything that is not a chunk frame."""
+def parse_chunk_frame(payload: bytes) -> tuple[str, int, memoryview]:
+    """(sha256, index, data). The data is a view into `payload` (no copy of the chunk).
+    Raises ProtocolError for anything that is not a chunk frame."""
     if len(payload) < HEADER_BYTES or not payload.startswith(MAGIC):
         raise ProtocolError("not a chunk frame")
     raw_sha, index = _HEADER.unpack_from(payload, len(MAGIC))
-    return raw_sha.hex(), index, payload[HEADER_BYTES:]
+    return raw_sha.hex(), index, memoryview(payload)[HEADER_BYTES:]
 
 
 def is_json(payload: bytes) -> bool:

@@ -160,7 +160,7 @@ class Download:
     def missing(self) -> list[int]:
         return [i for i, b in enumerate(self.bitmap) if not b]
 
-    def write_chunk(self, index: int, data: bytes) -> bool:
+    def write_chunk(self, index: int, data: bytes | memoryview) -> bool:
         """Verify and write one chunk. False if it was already held; ChunkRejected if its hash is wrong."""
         m = self.manifest
         if not 0 <= index < m.n_chunks:

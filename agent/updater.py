@@ -34,6 +34,7 @@ from engines.runner import ModelRunner
 log = logging.getLogger(__name__)
 
 INBOX_BYTES = 64 * 1024 * 1024  # chunks waiting for the worker, at most
+IN_FLIGHT_BYTES = 16 * 1024 * 1024  # chunks requested and not yet arrived, about
 
 
 class Retryable(JetagentError):
@@ -364,7 +365,11 @@ class Updater:
             self.last = msg
             self.report(msg)
 
-        fetcher = Fetcher(download, self.transport, self.chunks, progress=progress, **self.fetch_options)
+        # Keep about 16 MiB requested (16..64 chunks, 8 per request): enough to cover the
+        # round trip through the broker and the server at loopback speed.
+        window = max(16, min(64, IN_FLIGHT_BYTES // manifest.chunk_size))
+        options = {"window": window, "batch": 8, **self.fetch_options}
+        fetcher = Fetcher(download, self.transport, self.chunks, progress=progress, **options)
         try:
             fetcher.run(self._cancel)
             download.finish()

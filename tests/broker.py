@@ -127,7 +127,7 @@ class Broker:
         self.pki = pki
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mosquitto.log"
-        lines = [f"listener {self.port} 127.0.0.1", "persistence true",
+        lines = [f"listener {self.port} 127.0.0.1", "set_tcp_nodelay true", "persistence true",
                  f"persistence_location {workdir}/", "log_type all", f"log_dest file {self.log_path}"]
         if os.geteuid() == 0:
             lines.append("user root")  # else it drops to 'mosquitto', who cannot read pytest's 0700 dirs

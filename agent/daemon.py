@@ -152,8 +152,8 @@ class Agent:
 
         def rollback(args: Any) -> dict[str, Any]:
             reason = args.get("reason", "operator asked for a rollback") if isinstance(args, dict) else ""
-            delivery.updater.request_rollback(str(reason)[:200])
-            return {"queued": True}
+            job = delivery.updater.request_rollback(str(reason)[:200])
+            return {"queued": True, "job": job}
 
         session.commands.router.register("rollback", rollback, "serve each camera's previous model again")
         return delivery

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -117,6 +118,7 @@ class Updater:
         self._cond = threading.Condition()
         self._pending: Desired | None = None
         self._rollback_reason: str | None = None
+        self._rollback_job = ""
         self._cancel = threading.Event()  # the running job's download/calibration should yield
         self._busy: Desired | None = None
         self.last: dict[str, Any] = {}
@@ -136,14 +138,20 @@ class Updater:
         if superseded is not None and superseded.job != desired.job:
             log.info("deploy %s: superseded by %s before it started", superseded.job, desired.job)
 
-    def request_rollback(self, reason: str = "operator asked for a rollback") -> None:
+    def request_rollback(self, reason: str = "operator asked for a rollback") -> str:
         """During probation: end it now. Otherwise a job in progress yields and each camera
-        serves its previous model again."""
+        serves its previous model again. Returns the id of the job whose outcome answers it."""
         with self._cond:
             self._rollback_reason = reason
-            if self._busy is not None and not self.probations:
-                self._cancel.set()
+            if self.probations and self._busy is not None:
+                job = self._busy.job
+            else:
+                self._rollback_job = f"rollback-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+                job = self._rollback_job
+                if self._busy is not None:
+                    self._cancel.set()
             self._cond.notify_all()
+        return job
 
     def on_chunk(self, chunk: Chunk) -> None:
         """paho's thread. Only chunks of the model being downloaded are kept, within a byte
@@ -442,7 +450,8 @@ class Updater:
         """Operator rollback outside probation: serve each camera's previous slot again,
         opened the way it served (its precision and engine)."""
         pipes = self.host.pipelines()
-        job = Desired(job=f"rollback-{int(time.time())}", sha256="0" * 64, source="command")
+        job = Desired(job=self._rollback_job or f"rollback-{uuid.uuid4().hex[:8]}", sha256="0" * 64,
+                      source="command")
         swapped = []
         for cam, pipe in pipes.items():
             prev, cur = self.slots.previous(cam), self.slots.active(cam) or _slot_of(pipe.runner)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -227,3 +228,57 @@ def test_restart_comes_up_on_the_committed_model(fleet: Fleet, sig: int) -> None
     fleet.agent("cam-a", results=True)
     wait_serving(fleet, "cam-a")
     assert {r["model"] for r in results(fleet, "cam-a")} == {"v2"}
+
+
+def test_jetfleet_push_and_rollback_through_the_cli(fleet: Fleet) -> None:
+    fleet.serve()
+    for d in ("cam-a", "cam-b"):
+        fleet.agent(d)
+    v2 = model_version(fleet.tmp / "models" / "v2" / "m.onnx", "v2")
+    proc = fleet.push(v2, "cam-a", "cam-b", extra=("--probation", "1", "--json", "--timeout", "60"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout)
+    assert sorted(r["device_id"] for r in rows) == ["cam-a", "cam-b"]
+    assert all(r["state"] == "active" and r["precision"] == "fp32" for r in rows), rows
+    from fleet_helpers import jetfleet
+
+    back = jetfleet("--broker", fleet.broker.url, "rollback", "--device", "cam-a", "--json", timeout=60)
+    assert back.returncode == 0, back.stdout + back.stderr
+    fleet.wait_deploy("cam-a", lambda m: m["job"].startswith("rollback-") and m["state"] == "active")
+    status = jetfleet("--broker", fleet.broker.url, "status", "--json", "--wait", "1")
+    models = {r["device_id"]: r["model"] for r in json.loads(status.stdout)}
+    assert models == {"cam-a": "v1", "cam-b": "v2"}, models
+
+
+def test_canary_rollout_promotes_then_halts_on_a_bad_model(fleet: Fleet) -> None:
+    from fleet_helpers import jetfleet
+
+    fleet.serve()
+    for d in ("lobby-1", "lobby-2", "lobby-3"):
+        fleet.agent(d, groups=["lobby"])
+    state_dir = fleet.tmp / "rollouts"
+
+    def rollout(model: Path) -> subprocess.CompletedProcess[str]:
+        return jetfleet("--broker", fleet.broker.url, "rollout", str(model), "--group", "lobby", "--canary", "33%",
+                        "--promote-after", "2s", "--max-failures", "0", "--expect", "3", "--repo", str(fleet.repo),
+                        "--key", str(fleet.keys / "fleet.key"), "--probation", "2", "--min-fps", "8",
+                        "--state-dir", str(state_dir), "--timeout", "90", "--json", timeout=150)
+
+    good = model_version(fleet.tmp / "models" / "v2" / "m.onnx", "v2")
+    proc = rollout(good)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = jetfleet("--broker", fleet.broker.url, "status", "--json", "--wait", "1")
+    assert {r["device_id"]: r["model"] for r in json.loads(status.stdout)} == {
+        "lobby-1": "v2", "lobby-2": "v2", "lobby-3": "v2"}
+
+    bad = slow_classifier(fleet.tmp / "models" / "slow" / "m.onnx", matmuls=200, dim=512)
+    proc = rollout(bad)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    canary = next(m for m in fleet.deploys("lobby-1") if m.get("name") == "slow-classifier")
+    assert canary is not None
+    time.sleep(2)
+    status = jetfleet("--broker", fleet.broker.url, "status", "--json", "--wait", "1")
+    models = {r["device_id"]: r["model"] for r in json.loads(status.stdout)}
+    assert models == {"lobby-1": "v2", "lobby-2": "v2", "lobby-3": "v2"}, models  # halted; the canary rolled back
+    assert any(m["state"] == "rolled_back" for m in fleet.deploys("lobby-1"))
+    assert not any(m.get("name") == "slow-classifier" for d in ("lobby-2", "lobby-3") for m in fleet.deploys(d))

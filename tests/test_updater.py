@@ -275,7 +275,10 @@ def test_shutdown_mid_download_leaves_no_verdict_and_the_job_runs_again(rig: Rig
     assert rig.reports[-1]["state"] == S.DOWNLOADING  # no "cancelled", no "failed"
     assert rig.slots.job_outcome("j") is None and rig.store.partials() == [sha]
     # the next process (same state) runs the same retained desired state to the end
-    rig.close()
+    rig.stop.set()
+    for t in rig.threads:
+        t.join(5)
+    rig.pipe.grabber.stop()
     again = Updater(rig.updater.host, rig.store, Slots(tmp_path / "state" / "slots.json"), rig.updater.trust,
                     rig.transport, rig.reports.append)
     rig.transport.ref[0] = again

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from agent.pipeline import CameraPipeline
-from agent.sources import Grabber, open_reader, parse_source
+from agent.sources import Grabber, open_reader, parse_source, set_opencv_threads
 from agent.stats import Histogram
 from engines.base import BackendOptions
 from engines.errors import JetagentError
@@ -38,6 +38,7 @@ class BenchOptions:
     warmup: int = 10
     rounds: int = 2
     frames: int = 64  # distinct frames the raw loop cycles through
+    opencv_threads: int = 1  # as the agent runs (agent.config.Config.opencv_threads)
 
 
 @dataclass
@@ -116,6 +117,7 @@ def pipeline_loop(runner: ModelRunner, video: str, seconds: float, out: LoopResu
 
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    set_opencv_threads(opts.opencv_threads)
     t0 = time.perf_counter()
     runner = open_model(opts.model, card=opts.card, backend=opts.backend, options=BackendOptions(
         threads=opts.threads, graph_optimization=opts.graph_optimization, precision=opts.precision))
@@ -139,6 +141,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "backend": runner.backend.describe(),
             "precision": runner.precision,
             "threads": opts.threads,
+            "opencv_threads": opts.opencv_threads,
             "video": opts.video,
             "frame_size": [int(frames[0].shape[1]), int(frames[0].shape[0])],
             "duration_s": opts.duration_s,

@@ -86,6 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=Path(args.model), card=Path(args.card) if args.card else None, backend=args.backend,
         precision="fp32", threads=args.threads, graph_optimization=args.graph_optimization,
         video=args.video, duration_s=args.duration, warmup=args.warmup, rounds=args.rounds,
+        opencv_threads=args.opencv_threads,
     )
     report = run_bench(opts)
     if args.json:
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=2, help="alternating raw/pipeline rounds")
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--threads", type=int, default=0, help="backend intra-op threads (0 = default)")
+    bench.add_argument("--opencv-threads", type=int, default=1,
+                       help="OpenCV's own threads, as the agent runs it (1; 0 = OpenCV's default)")
     bench.add_argument("--graph-optimization", choices=("disable", "basic", "extended", "all"), default="all")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--calib-video", help="with --precision int8/fp16: calibrate on the first part of this "

@@ -23,7 +23,7 @@ from agent.pipeline import CameraPipeline
 from agent.results import JsonLinesSink
 from agent.sdnotify import Notifier
 from agent.serving import Serving, backend_options
-from agent.sources import Grabber, parse_source, probe_source
+from agent.sources import Grabber, parse_source, probe_source, set_opencv_threads
 from engines.errors import JetagentError
 from engines.runner import ModelRunner, open_model
 
@@ -99,6 +99,7 @@ class Agent:
 
     def open(self) -> None:
         """Open every model and source. Raises JetagentError; leaves nothing open on failure."""
+        set_opencv_threads(self.config.opencv_threads)
         try:
             if self.config.fleet is not None:
                 self._open_store()

@@ -30,6 +30,8 @@ from engines.runner import ModelRunner, open_model
 
 log = logging.getLogger(__name__)
 
+ENGINE_CACHE_ENTRIES = 24  # about the last five deployments' candidates and decisions
+
 
 def backend_options(config: Config, precision: str | None = None) -> BackendOptions:
     b = config.backend
@@ -72,7 +74,22 @@ class Serving:
             model_path, card, dataset, config, accuracy, state_dir=self.config.state_dir, model_sha256=sha256,
             progress=lambda ev: stage(S.BUILDING, step=ev.to_dict()))
         stage(S.VALIDATING, calibration=deployment.summary)
+        self._prune_engines(keep_also=Path(deployment.engine_path))
         return deployment.runner, deployment.summary
+
+    def _prune_engines(self, keep_also: Path) -> None:
+        """Bound the engine cache's disk: the most recent entries, and never one in use."""
+        from calibration.engine_cache import EngineCache
+
+        root = self.config.state_dir / "engines"
+        in_use = {keep_also.parent.name}
+        for pipe in self.pipelines().values():
+            p = Path(pipe.runner.path)
+            if root in p.parents:
+                in_use.add(p.relative_to(root).parts[0])
+        removed = EngineCache(root).prune(keep=ENGINE_CACHE_ENTRIES, protect=in_use)
+        if removed:
+            log.info("engine cache: removed %d old entries", len(removed))
 
     # -- calibration sets ---------------------------------------------------------------------
     def _calibration_set(self, spec: InputSpec, camera: str, stage: StageFn, cancel: threading.Event,

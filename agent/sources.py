@@ -52,6 +52,12 @@ class SourceSpec:
         return self.kind in ("v4l2", "stream", "csi", "gstreamer")
 
 
+def set_opencv_threads(n: int) -> None:
+    """OpenCV's internal thread pool size (0 keeps OpenCV's default). Process-wide."""
+    if n > 0:
+        cv2.setNumThreads(n)
+
+
 def parse_source(text: str) -> SourceSpec:
     """Classify a source string. Does not touch the device or file."""
     s = text.strip()

@@ -282,3 +282,41 @@ def test_canary_rollout_promotes_then_halts_on_a_bad_model(fleet: Fleet) -> None
     assert models == {"lobby-1": "v2", "lobby-2": "v2", "lobby-3": "v2"}, models  # halted; the canary rolled back
     assert any(m["state"] == "rolled_back" for m in fleet.deploys("lobby-1"))
     assert not any(m.get("name") == "slow-classifier" for d in ("lobby-2", "lobby-3") for m in fleet.deploys(d))
+
+
+def test_int8_push_calibrates_on_the_device_and_a_collapsing_model_serves_fp32(fleet: Fleet) -> None:
+    """calibrate (frames from the live camera) -> build candidates -> gate -> swap, through a
+    real agent; the model's INT8 versions collapse (calib_models.blob_detector), so the gate
+    rejects them and FP32 serves, and the deploy state says why, with the numbers."""
+    import onnx
+
+    from calib_models import blob_detector, blob_frames
+    from conftest import write_video
+    from fleet_helpers import AgentProcess, agent_config
+
+    video = write_video(fleet.tmp / "blobs.avi", blob_frames(60), fps=20)
+    boot = blob_detector(fleet.tmp / "models" / "blob0" / "m.onnx")
+    pushed = blob_detector(fleet.tmp / "models" / "blob1" / "m.onnx")
+    m = onnx.load(str(pushed))
+    m.metadata_props.add(key="version", value="1")
+    onnx.save(m, str(pushed))
+    cfg = agent_config(fleet.tmp / "cam-a", broker=fleet.broker.url, model=boot, video=video, device_id="cam-a",
+                       interval_s=0.5, fleet={"trusted_keys": [str(fleet.keys / "fleet.pub")]})
+    cfg.write_text(cfg.read_text() + "[calibration]\nframes = 16\nholdout = 8\nmin_interval_s = 0.05\n"
+                   "min_frames = 8\n")
+    fleet.agents["cam-a"] = AgentProcess(cfg).start()
+    fleet.serve()
+    time.sleep(2)
+    fleet.publish_model(pushed, "cam-a", precision="int8", policy={"probation_s": 1})
+    out = fleet.wait_deploy("cam-a", lambda m: m["state"] in ("active", "failed", "rolled_back"), timeout=180)
+    assert out["state"] == "active" and out["precision"] == "fp32", out
+    states = [m["state"] for m in fleet.deploys("cam-a") if m["job"] == out["job"]]
+    seen = [s for i, s in enumerate(states) if i == 0 or s != states[i - 1]]
+    assert seen[seen.index("verifying"):] == ["verifying", "calibrating", "building", "validating", "activating",
+                                              "probation", "active"]
+    cal = out["calibration"]
+    assert cal["requested"] == "int8" and cal["precision"] == "fp32" and cal["fallback"] is True
+    assert cal["metric"] == "detection_f1" and cal["calibration_set"]["calibration"] >= 8
+    int8 = [c for c in cal["candidates"] if c["precision"] == "int8"]
+    assert int8 and all(c["status"] == "failed" and c["value"] < 0.95 for c in int8), int8
+    assert "0.95" in cal["reason"]

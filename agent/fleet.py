@@ -30,7 +30,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import TLSConfig
 from agent.fleetview import DeviceRecord, FleetView, device_row, format_table
-from agent.link import MQTT_MAX_PACKET, configure_tls, parse_broker_url, publish_packet_size, set_nodelay
+from agent.link import (
+    MQTT_MAX_PACKET,
+    configure_tls,
+    parse_broker_url,
+    publish_packet_size,
+    publish_properties,
+    set_nodelay,
+)
 from agent.protocol import ProtocolError, Topics, check_reply, command_request, encode
 from engines.errors import JetagentError
 
@@ -271,13 +278,7 @@ class FleetClient:
         from a paho callback. Raises TooLarge over the broker's Maximum Packet Size and
         FleetError when paho refuses it or the window stays full for `timeout` s.
         """
-        props = None
-        if correlation_data is not None or response_topic is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            if correlation_data is not None:
-                props.CorrelationData = correlation_data
-            if response_topic is not None:
-                props.ResponseTopic = response_topic
+        props = publish_properties(correlation_data, response_topic)
         size = publish_packet_size(topic, cast(bytes, payload), qos, props)  # it only takes len()
         if size > self.max_packet_size:
             raise TooLarge(f"a {size}-byte publish to {topic} is over the broker's maximum packet size "

@@ -103,6 +103,19 @@ def publish_packet_size(topic: str, payload: bytes, qos: int, properties: Proper
     return 1 + varint_len(remaining) + remaining
 
 
+def publish_properties(correlation_data: bytes | None = None, response_topic: str | None = None,
+                       ) -> Properties | None:
+    """MQTT 5 PUBLISH properties for a request or a reply (None when there are none)."""
+    if correlation_data is None and response_topic is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    return props
+
+
 def configure_tls(client: mqtt.Client, tls: Any, where: str = "fleet.tls") -> None:
     """Apply a TLSConfig (ca, cert, key, insecure) to a paho client; errors name the files."""
     try:
@@ -256,13 +269,7 @@ class FleetLink:
         Raises PacketTooLarge over the broker's limit, LinkError when paho refuses it.
         While disconnected, QoS 1 messages wait in paho's bounded queue.
         """
-        props = None
-        if correlation_data is not None or response_topic is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            if correlation_data is not None:
-                props.CorrelationData = correlation_data
-            if response_topic is not None:
-                props.ResponseTopic = response_topic
+        props = publish_properties(correlation_data, response_topic)
         size = publish_packet_size(topic, payload, qos, props)
         if size > self.max_packet_size:
             raise PacketTooLarge(f"a {size}-byte publish to {topic} is over the broker's maximum packet size "

@@ -11,23 +11,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_models import _save
+
 OPSET = 13
 
 
-def _save(model: onnx.ModelProto, path: Path, card: dict[str, Any]) -> Path:
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    path.with_suffix(".json").write_text(json.dumps(card, indent=2))
-    return path
 
 
 def _init(name: str, value: np.ndarray) -> onnx.TensorProto:

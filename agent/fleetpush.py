@@ -221,8 +221,9 @@ def push(client: FleetClient, spec: PushSpec, *, devices: list[str], group: str 
 
 
 def rollback(client: FleetClient, device: str, *, reason: str, timeout: float, as_json: bool) -> int:
-    """Send `rollback`, then follow whatever the device reports next: the job on probation
-    going to rolled_back, or a rollback job to active (failed: nothing to roll back to)."""
+    """Send `rollback`, then follow the job the device names in its reply (or, from an older
+    agent, whatever it reports next): the job on probation going to rolled_back, or a
+    rollback job to active (failed: nothing to roll back to)."""
     if not valid_id(device):
         raise JetagentError(f"--device {device!r}: must be 1-64 of A-Z a-z 0-9 _ . -")
     out = sys.stderr if as_json else sys.stdout
@@ -234,6 +235,10 @@ def rollback(client: FleetClient, device: str, *, reason: str, timeout: float, a
     if not reply["ok"]:
         print(f"{device} refused the rollback: {reply.get('error')}", file=sys.stderr)
         return 1
+    result = reply.get("result")
+    job = result.get("job") if isinstance(result, dict) else None
+    if isinstance(job, str) and job:  # the device names the job whose outcome answers us
+        watch.restart(device, job)
     final = watch.follow(Display(out), timeout, f"rollback of {device}")
     if as_json:
         print(json.dumps(result_rows(final), indent=2))

@@ -22,21 +22,15 @@ from agent.config import CameraConfig, Config
 from agent.pipeline import CameraPipeline
 from agent.results import JsonLinesSink
 from agent.sdnotify import Notifier
-from agent.serving import Serving, backend_options
+from agent.serving import Serving, open_camera_model
 from agent.sources import Grabber, parse_source, probe_source, set_opencv_threads
 from engines.errors import JetagentError
-from engines.runner import ModelRunner, open_model
 
 if TYPE_CHECKING:
     from agent.delivery import DeviceDelivery
     from agent.reporting import FleetSession
 
 log = logging.getLogger(__name__)
-
-
-def open_camera_model(config: Config, cam: CameraConfig) -> ModelRunner:
-    return open_model(cam.model, card=cam.card, backend=config.backend.name,
-                      options=backend_options(config, "fp32"))
 
 
 def make_grabber(cam: CameraConfig) -> Grabber:

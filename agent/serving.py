@@ -39,6 +39,12 @@ def backend_options(config: Config, precision: str | None = None) -> BackendOpti
                           precision=precision or b.precision)
 
 
+def open_camera_model(config: Config, cam: CameraConfig) -> ModelRunner:
+    """The model the config names for a camera (its bootstrap model), at FP32."""
+    return open_model(cam.model, card=cam.card, backend=config.backend.name,
+                      options=backend_options(config, "fp32"))
+
+
 class Serving:
     """Implements `agent.updater.Host` for the daemon."""
 
@@ -151,8 +157,7 @@ class Serving:
                 except JetagentError as exc:
                     log.error("camera %s: cannot serve its committed model %s (%s); serving the config's "
                               "model %s instead", cam.name, slot.sha256[:12], exc, cam.model)
-        return open_model(cam.model, card=cam.card, backend=self.config.backend.name,
-                          options=backend_options(self.config, "fp32"))
+        return open_camera_model(self.config, cam)
 
     def open_slot(self, slot: Slot, camera: str) -> ModelRunner:
         if self.store is not None and self.store.has(slot.sha256):

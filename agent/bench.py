@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.pipeline import CameraPipeline
-from agent.sources import Grabber, open_reader, parse_source, set_opencv_threads
-from agent.stats import Histogram
+from agent.camera.grabber import Grabber
+from agent.camera.pipeline import CameraPipeline
+from agent.camera.sources import open_reader, parse_source, set_opencv_threads
+from agent.camera.stats import Histogram
 from engines.base import BackendOptions
 from engines.errors import JetagentError
 from engines.runner import ModelRunner, open_model

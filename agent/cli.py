@@ -121,9 +121,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     the frame reservoir, and store it under the state dir (where deployment looks for it)."""
     import time
 
+    from agent.camera.pipeline import CameraPipeline
     from agent.config import load_config
     from agent.daemon import make_grabber, open_camera_model
-    from agent.pipeline import CameraPipeline
     from calibration.dataset import CalibrationStore
     from calibration.reservoir import FrameReservoir
 

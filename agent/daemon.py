@@ -18,17 +18,18 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from agent.camera.grabber import Grabber
+from agent.camera.pipeline import CameraPipeline
+from agent.camera.results import JsonLinesSink
+from agent.camera.sources import parse_source, probe_source, set_opencv_threads
 from agent.config import CameraConfig, Config
-from agent.pipeline import CameraPipeline
-from agent.results import JsonLinesSink
 from agent.sdnotify import Notifier
 from agent.serving import Serving, open_camera_model
-from agent.sources import Grabber, parse_source, probe_source, set_opencv_threads
 from engines.errors import JetagentError
 
 if TYPE_CHECKING:
-    from agent.delivery import DeviceDelivery
-    from agent.reporting import FleetSession
+    from agent.delivery.session import DeviceDelivery
+    from agent.uplink.session import FleetSession
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def check_config(config: Config) -> list[str]:
         finally:
             runner.close()
     if config.fleet is not None:
-        from agent.link import check_fleet
+        from agent.uplink.link import check_fleet
 
         lines.append(check_fleet(config.fleet, config.device_id))
     return lines
@@ -69,9 +70,6 @@ class _Camera:
     config: CameraConfig
     pipeline: CameraPipeline
     thread: threading.Thread | None = None
-    crashes: int = 0
-    restarts: int = 0  # source reopened on command
-    dropped_before: int = 0  # frames dropped by grabbers replaced since
 
 
 class Agent:
@@ -105,7 +103,7 @@ class Agent:
                 pipe = CameraPipeline(cam.name, make_grabber(cam), runner, self.sink)
                 self.cameras.append(_Camera(cam, pipe))
             if self.config.fleet is not None:
-                from agent.reporting import FleetSession
+                from agent.uplink.session import FleetSession
 
                 self.fleet = FleetSession(self.config, self)
                 self.delivery = self._make_delivery(self.fleet)
@@ -114,8 +112,8 @@ class Agent:
             raise
 
     def _open_store(self) -> None:
-        from agent.slots import Slots
-        from agent.store import ModelStore
+        from agent.delivery.slots import Slots
+        from agent.delivery.store import ModelStore
 
         fleet = self.config.fleet
         if fleet is None:
@@ -127,9 +125,9 @@ class Agent:
             raise JetagentError(f"state_dir {self.config.state_dir}: cannot keep models there: {exc}") from exc
 
     def _make_delivery(self, session: FleetSession) -> DeviceDelivery:
-        from agent.delivery import DeviceDelivery
-        from agent.signing import TrustStore
-        from agent.updater import Updater
+        from agent.delivery.session import DeviceDelivery
+        from agent.delivery.updater import Updater
+        from agent.wire.signing import TrustStore
 
         fleet = session.fleet
         trust = TrustStore.from_files(list(fleet.trusted_keys))
@@ -176,10 +174,10 @@ class Agent:
                 cam.pipeline.run(self.stop_event)
                 return
             except Exception:  # a bug, not a user error: keep the traceback, keep serving
-                cam.crashes += 1
+                cam.pipeline.stats.crashes += 1
                 now = time.monotonic()
                 crash_times = [t for t in crash_times if now - t < 60] + [now]
-                log.error("camera %s loop crashed (%d):\n%s", cam.config.name, cam.crashes,
+                log.error("camera %s loop crashed (%d):\n%s", cam.config.name, cam.pipeline.stats.crashes,
                           traceback.format_exc())
                 delay = 30.0 if len(crash_times) > 5 else 1.0
                 self.stop_event.wait(delay)
@@ -219,9 +217,7 @@ class Agent:
 
     def identity(self) -> list[tuple[str, str, str, str]]:
         """What a change report is for: each camera's source state and model."""
-        # A camera that is still starting is expected to stream: its first frame is not news.
-        return [(c.config.name, "streaming" if c.pipeline.grabber.state == "starting" else c.pipeline.grabber.state,
-                 c.pipeline.runner.sha256, c.pipeline.runner.precision) for c in self.cameras]
+        return [c.pipeline.snapshot().change_key() for c in self.cameras]
 
     def health_tick(self, reason: str) -> None:
         snapshot = self.take_snapshot()
@@ -236,23 +232,9 @@ class Agent:
                 log.exception("fleet report failed")
 
     def take_snapshot(self) -> dict[str, Any]:
-        """Per-camera numbers for the window since the last snapshot (resets the window)."""
+        """Per-camera numbers for the window since the last snapshot (closes the window)."""
         now = time.monotonic()
-        cams = []
-        for cam in self.cameras:
-            p = cam.pipeline
-            w = p.stats.window()
-            src = p.grabber.status()
-            r = p.runner
-            last = p.last_result
-            cams.append({
-                "camera": cam.config.name, "model": r.card.name, "sha256": r.sha256, "backend": r.backend.name,
-                "precision": r.precision, "fps": w["fps"], "frames": w["frames"], "frames_total": p.stats.frames,
-                "latency_ms": w["latency_ms"], "objects": len(last) if last is not None else 0,
-                "errors": p.stats.errors, "last_error": p.stats.last_error, "state": src["state"],
-                "source_error": src["error"], "dropped": cam.dropped_before + p.grabber.dropped,
-                "reconnects": p.grabber.reconnects, "restarts": cam.restarts, "crashes": cam.crashes,
-            })
+        cams = [c.pipeline.snapshot(window=True).report() for c in self.cameras]
         snap = {"ts": round(time.time(), 3), "window_s": round(now - self._snapshot_at, 3),
                 "uptime_s": round(time.time() - self.started_at, 1), "cameras": cams}
         self._snapshot_at = now
@@ -272,9 +254,7 @@ class Agent:
 
     # -- what the fleet session and its commands use --------------------------------------
     def describe_cameras(self) -> list[dict[str, Any]]:
-        return [{"camera": c.config.name, "model": c.pipeline.runner.card.name, "sha256": c.pipeline.runner.sha256,
-                 "backend": c.pipeline.runner.backend.name, "precision": c.pipeline.runner.precision}
-                for c in self.cameras]
+        return [c.pipeline.identity().to_dict() for c in self.cameras]
 
     def camera_names(self) -> list[str]:
         return [c.config.name for c in self.cameras]
@@ -288,18 +268,12 @@ class Agent:
         with self._restart_lock:
             if self.stop_event.is_set():
                 raise JetagentError("the agent is stopping")
-            old = cam.pipeline.grabber
             new = make_grabber(cam.config)
-            # The model's preprocessing runs on the grabber thread; a frame prepared by a stale
-            # hook (a swap racing this) is recognised by the pipeline and preprocessed again.
-            new.prepare = old.prepare
             new.start()
-            cam.pipeline.grabber = new
-            cam.dropped_before += old.dropped
-            old.stop()
-            cam.restarts += 1
-        log.info("camera %s: source reopened on request (%d restart(s))", name, cam.restarts)
-        return {"camera": name, "restarts": cam.restarts, "state": new.state}
+            cam.pipeline.replace_grabber(new).stop()
+        restarts = cam.pipeline.stats.restarts
+        log.info("camera %s: source reopened on request (%d restart(s))", name, restarts)
+        return {"camera": name, "restarts": restarts, "state": new.state}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -363,13 +337,12 @@ class _Watchdog:
                 self.n.ready(f"{len(cams)} camera(s), {served} frame(s) served" if served
                              else "no camera has delivered a frame yet")
         if self.interval and now - self.last_ping >= self.interval:
-            hung = [c.config.name for c in cams
-                    if c.pipeline.grabber.pending
-                    and c.pipeline.stats.frames == self.frames_at_ping.get(c.config.name, -1)]
+            snaps = [c.pipeline.snapshot() for c in cams]
+            hung = [s.camera for s in snaps if s.pending and s.frames_total == self.frames_at_ping.get(s.camera, -1)]
             if hung:
                 log.error("camera(s) %s hung: no frame completed in %.0f s; not pinging the watchdog",
                           ", ".join(hung), self.interval)
             else:
                 self.n.watchdog()
             self.last_ping = now
-            self.frames_at_ping = {c.config.name: c.pipeline.stats.frames for c in cams}
+            self.frames_at_ping = {s.camera: s.frames_total for s in snaps}

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import deploy_states as S
+from agent.camera.pipeline import CameraPipeline
 from agent.config import CameraConfig, Config
-from agent.manifest import AccuracyBound
-from agent.pipeline import CameraPipeline
-from agent.slots import Slot, Slots
-from agent.store import ModelStore
-from agent.updater import StageFn
+from agent.delivery.slots import Slot, Slots
+from agent.delivery.store import ModelStore
+from agent.delivery.updater import StageFn
+from agent.wire import deploy as S
+from agent.wire.manifest import AccuracyBound
 from engines.base import BackendOptions
 from engines.errors import JetagentError
 from engines.modelcard import InputSpec, ModelCard, card_path_for, load_card
@@ -46,7 +46,7 @@ def open_camera_model(config: Config, cam: CameraConfig) -> ModelRunner:
 
 
 class Serving:
-    """Implements `agent.updater.Host` for the daemon."""
+    """Implements `agent.delivery.updater.Host` for the daemon."""
 
     def __init__(self, config: Config, pipelines: Callable[[], dict[str, CameraPipeline]],
                  store: ModelStore | None = None, slots: Slots | None = None) -> None:
@@ -140,7 +140,7 @@ class Serving:
             pipe.remove_observer(reservoir)
             reservoir.stop()
         if cancel.is_set():
-            from agent.fetch import Cancelled
+            from agent.delivery.fetch import Cancelled
 
             raise Cancelled("a newer deployment replaced this one")
         return reservoir.snapshot(min_calibration=c.min_frames, min_holdout=max(1, c.min_frames // 4))

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from calibration.errors import CalibrationError
-from calibration.fileio import atomic_save_npy, atomic_write_json, dumps, fsync_dir, read_json
+from engines.fileio import atomic_save_npy, atomic_write_json, dumps, fsync_dir, read_json
 from engines.modelcard import InputSpec
 from engines.postprocess import FrameTransform
 from engines.preprocess import Preprocessor

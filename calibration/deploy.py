@@ -36,11 +36,11 @@ from calibration.candidates import Candidate, CandidateResult, Selection, Target
 from calibration.dataset import CalibrationSet
 from calibration.engine_cache import EngineCache, Fingerprint
 from calibration.errors import DeployError
-from calibration.fileio import atomic_write_json
 from calibration.gate import MIN_REFERENCE_OBJECTS, BoundLike, GateBound, observe, resolve_metric
 from calibration.progress import ProgressEvent, ProgressFn, safe
 from engines.base import PRECISIONS, BackendOptions
 from engines.errors import BackendUnavailable, JetagentError
+from engines.fileio import atomic_write_json
 from engines.modelcard import ModelCard
 from engines.runner import ModelRunner, file_sha256, open_model
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration.fileio import atomic_write_json, dumps, fsync_dir, read_json
+from engines.fileio import atomic_write_json, dumps, fsync_dir, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,6 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
              "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "asimddp", "asimdhp", "i8mm", "sve", "sve2", "bf16")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cpu_identity(cpuinfo: str | None = None, machine: str | None = None) -> dict[str, Any]:
@@ -166,7 +160,7 @@ class EngineCache:
             log.warning("engine cache %s: sidecar is for another fingerprint; rebuilding", directory.name)
             return None
         try:
-            digest = _sha256_file(artifact)
+            digest = sha256_file(artifact)
         except OSError:
             log.warning("engine cache %s: %s is missing; rebuilding", directory.name, artifact_name)
             return None
@@ -193,7 +187,7 @@ class EngineCache:
             if not artifact.is_file():
                 raise FileNotFoundError(f"the engine producer wrote no {artifact_name}")
             record = {"fingerprint": fingerprint.to_dict(), "key": fingerprint.key, "artifact": artifact_name,
-                      "artifact_sha256": _sha256_file(artifact), "artifact_bytes": artifact.stat().st_size,
+                      "artifact_sha256": sha256_file(artifact), "artifact_bytes": artifact.stat().st_size,
                       "created": round(time.time(), 3), "build_seconds": round(time.monotonic() - started, 3),
                       "metadata": metadata}
             atomic_write_json(sidecar_for(artifact), record)

@@ -38,7 +38,7 @@ MIN_REFERENCE_OBJECTS = 5  # fewer FP32 detections than this on the holdout: F1 
 
 
 class BoundLike(Protocol):
-    """`agent.manifest.AccuracyBound` has this shape; calibration does not import agent."""
+    """`agent.wire.manifest.AccuracyBound` has this shape; calibration does not import agent."""
 
     @property
     def minimum(self) -> float: ...

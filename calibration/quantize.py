@@ -20,7 +20,6 @@ DequantizeLinear's `axis`, which arrived in opset 13.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from calibration.errors import QuantizationError
+from engines.fileio import sha256_file
 
 if TYPE_CHECKING:  # the set's module needs cv2; exporting a QDQ model does not
     from calibration.dataset import CalibrationSet
@@ -191,12 +191,6 @@ def _default_opset(model: Any) -> int:
     return max((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _ort_options(profile: QuantProfile) -> dict[str, Any]:
@@ -268,7 +262,7 @@ def export_qdq(model_path: Path, out_path: Path, dataset: CalibrationSet, profil
     log.info("quantized %s -> %s with %s on %d samples in %.1f s", model_path.name, out_path.name, profile.name,
              samples, seconds)
     return QdqExport(path=out_path, profile=profile, samples=samples, seconds=seconds, source_opset=source_opset,
-                     opset=opset, sha256=_sha256(out_path))
+                     opset=opset, sha256=sha256_file(out_path))
 
 
 def check_tensorrt_qdq(path: Path) -> list[str]:

@@ -44,7 +44,7 @@ THUMB = 16
 
 
 class FrameLike(Protocol):
-    """What the reservoir reads from a camera frame (agent.sources.Frame has it)."""
+    """What the reservoir reads from a camera frame (agent.camera.grabber.Frame has it)."""
 
     @property
     def image(self) -> np.ndarray: ...

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -10,20 +9,18 @@ import numpy as np
 
 from engines.base import Backend, BackendOptions, open_backend
 from engines.errors import ModelLoadError, ModelMismatch
+from engines.fileio import sha256_file
 from engines.modelcard import ModelCard, card_path_for, check_backend, load_card
 from engines.postprocess import FrameTransform, Postprocessor, Result, make_postprocessor
 from engines.preprocess import Preprocessor
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """A model file's sha256; ModelLoadError when it cannot be read."""
     try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+        return sha256_file(path)
     except OSError as exc:
         raise ModelLoadError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
-    return h.hexdigest()
 
 
 class ModelRunner:

@@ -16,10 +16,8 @@ deserialization is even tried.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +29,7 @@ from engines import trt_api
 from engines.base import PRECISIONS, BackendOptions, TensorSpec
 from engines.cuda_mem import DeviceBuffer, DeviceMemory, open_device_memory
 from engines.errors import BackendUnavailable, InferenceError, ModelLoadError, ModelMismatch
+from engines.fileio import atomic_write_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,37 +79,10 @@ def sidecar_path(plan_path: Path) -> Path:
     return plan_path.with_name(plan_path.name + ".json")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a temp file, fsync, rename over `path`, fsync the directory (survives power cuts)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_sidecar(plan_path: Path, record: Mapping[str, Any]) -> Path:
     """Write `<plan>.json` atomically (the builder's report). Returns its path."""
     path = sidecar_path(plan_path)
-    atomic_write(path, (json.dumps(dict(record), indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(dict(record), indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
@@ -132,7 +104,7 @@ def read_sidecar(plan_path: Path) -> dict[str, Any]:
     if data["format"] != SIDECAR_FORMAT or data["precision_built"] not in PRECISIONS:
         raise ModelLoadError(f"{path}: unsupported sidecar (format {data['format']!r}, "
                              f"precision {data['precision_built']!r})")
-    if file_sha256(plan_path) != data["plan_sha256"]:
+    if sha256_file(plan_path) != data["plan_sha256"]:
         raise ModelLoadError(f"{plan_path}: the plan does not match its sidecar (stale or partial write); "
                              "rebuild the engine")
     return data

@@ -40,7 +40,8 @@ from engines import trt_api
 from engines.base import PRECISIONS
 from engines.cuda_mem import DeviceBuffer, DeviceMemory, open_device_memory
 from engines.errors import BackendUnavailable, JetagentError, ModelLoadError
-from engines.tensorrt import SIDECAR_FORMAT, atomic_write, compose, file_sha256, new_log_relay, write_sidecar
+from engines.fileio import atomic_write_bytes, sha256_file
+from engines.tensorrt import SIDECAR_FORMAT, compose, new_log_relay, write_sidecar
 from engines.trt_api import (
     FP16_ROUTES,
     INT8_ROUTES,
@@ -245,7 +246,7 @@ class CalibrationFeed:
     def write_calibration_cache(self, cache: Any) -> None:
         if self._cache_path is not None:
             try:
-                atomic_write(self._cache_path, bytes(cache))
+                atomic_write_bytes(self._cache_path, bytes(cache))
             except OSError as exc:
                 self.error = f"writing calibration cache {self._cache_path}: {exc}"
 
@@ -413,16 +414,16 @@ def _build_with_tensorrt(trt: Any, caps: Capabilities, onnx_path: Path, plan_pat
         raise EngineBuildError(f"TensorRT {caps.version} could not build {onnx_path.name} as "
                                f"{request.precision} via {route}: {' | '.join(relay.messages[-5:])}")
     data = bytes(plan)
-    atomic_write(plan_path, data)
+    atomic_write_bytes(plan_path, data)
     if request.timing_cache is not None:
         timing_cache = config.get_timing_cache()
-        atomic_write(request.timing_cache, bytes(timing_cache.serialize()))
+        atomic_write_bytes(request.timing_cache, bytes(timing_cache.serialize()))
     return BuildReport(
         precision_requested=request.precision, precision_built=request.precision, route=route,
         tensorrt_version=caps.version, device=info.name,
         compute_capability="{}.{}".format(*info.compute_capability), dla_core=request.dla_core,
         build_seconds=round(time.monotonic() - started, 3), onnx_path=str(onnx_path),
-        plan_path=str(plan_path), plan_sha256=file_sha256(plan_path), plan_bytes=len(data),
+        plan_path=str(plan_path), plan_sha256=sha256_file(plan_path), plan_bytes=len(data),
         calibration_batches=feed.batches_fed if feed else 0,
         calibration_cache_used=bool(feed and feed.cache_read), timing_cache=timing,
         mixed_with=mixed_with, warnings=warnings + relay.messages,

@@ -42,7 +42,7 @@ from fleet_helpers import AgentProcess, Recorder, agent_config  # noqa: E402
 
 
 def jetfleet(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.fleetcli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "agent.jetfleet.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -95,10 +95,10 @@ def main() -> int:
     push_rows: list[dict] = []
     try:
         with Broker(tmp / "broker") as broker:  # set_tcp_nodelay true, as docs/broker/mosquitto.conf
-            subprocess.run([sys.executable, "-m", "agent.fleetcli", "keys", "init", "--dir", str(tmp / "keys")],
+            subprocess.run([sys.executable, "-m", "agent.jetfleet.cli", "keys", "init", "--dir", str(tmp / "keys")],
                            check=True, capture_output=True, cwd=ROOT)
             serve_log = open(tmp / "serve.log", "ab")
-            serve = subprocess.Popen([sys.executable, "-m", "agent.fleetcli", "--broker", broker.url, "serve",
+            serve = subprocess.Popen([sys.executable, "-m", "agent.jetfleet.cli", "--broker", broker.url, "serve",
                                       "--repo", str(tmp / "repo")], cwd=ROOT, stdout=serve_log, stderr=serve_log)
             video = write_video(tmp / "v.avi", color_frames(3)[1:2] * 20, fps=10)
             boot = model_version(tmp / "m" / "v0" / "m.onnx", "v0")

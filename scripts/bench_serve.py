@@ -1,7 +1,7 @@
 """Throughput of `jetfleet serve` on loopback: MB/s of chunk payload delivered.
 
 Starts a Mosquitto (tests/broker.py), puts a random N MB "model" in a repository at
-each chunk size, runs `python -m agent.fleetcli serve` as its own process, and pulls the
+each chunk size, runs `python -m agent.jetfleet.cli serve` as its own process, and pulls the
 whole file with one or more stand-in devices (plain paho clients that keep `--window`
 chunks requested, `--batch` per block request, like the device's fetcher). Chunks are
 counted and checked against the manifest's hashes; nothing is written to disk.
@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from agent.fleetrepo import ModelRepo  # noqa: E402
-from agent.link import set_nodelay  # noqa: E402
-from agent.protocol import Topics, encode  # noqa: E402
-from agent.protocol_delivery import get_request, parse_chunk_frame  # noqa: E402
-from agent.signing import generate_keys  # noqa: E402
+from agent.jetfleet.repo import ModelRepo  # noqa: E402
+from agent.mqtt import set_nodelay  # noqa: E402
+from agent.wire.chunks import get_request, parse_chunk_frame  # noqa: E402
+from agent.wire.core import Topics, encode  # noqa: E402
+from agent.wire.signing import generate_keys  # noqa: E402
 from broker import Broker  # noqa: E402
 
 T = Topics()
@@ -185,7 +185,7 @@ def main() -> int:
     conf = list(args.broker_conf) + (["max_queued_messages 0", "max_queued_bytes 0"] if args.receiver == "c" else [])
     with Broker(tmp / "broker", extra=tuple(conf)) as broker:
         prefix = os.environ.get("BENCH_SERVER_PREFIX", "").split()  # e.g. "perf record -g --"
-        server = subprocess.Popen([*prefix, sys.executable, "-m", "agent.fleetcli", "--broker", broker.url, "serve",
+        server = subprocess.Popen([*prefix, sys.executable, "-m", "agent.jetfleet.cli", "--broker", broker.url, "serve",
                                    "--repo", str(repo.root), "--window", str(args.server_window),
                                    "--log-interval", "2"], cwd=ROOT)
         procs = {"server": server.pid, "broker": broker.proc.pid if broker.proc else 0}

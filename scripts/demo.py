@@ -52,7 +52,7 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def jetfleet(broker: str, *args: str, check: bool = True, live: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = [PY, "-m", "agent.fleetcli", "--broker", broker, *args]
+    cmd = [PY, "-m", "agent.jetfleet.cli", "--broker", broker, *args]
     if live:
         return subprocess.run(cmd, cwd=ROOT, text=True, check=check)
     return subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, check=check)
@@ -91,7 +91,7 @@ def main() -> int:
         say("2. the fleet's signing key, and the model server")
         keys = jetfleet(broker, "keys", "init", "--dir", str(DEMO / "keys")).stdout.strip()
         print("   " + keys.replace("\n", "\n   "))
-        procs.append(start([PY, "-m", "agent.fleetcli", "--broker", broker, "serve", "--repo", str(DEMO / "repo")],
+        procs.append(start([PY, "-m", "agent.jetfleet.cli", "--broker", broker, "serve", "--repo", str(DEMO / "repo")],
                            DEMO / "serve.log"))
 
         say(f"3. the agent: device {DEVICE}, FP32 person detector on {clip.name}, as fast as it serves")
@@ -158,11 +158,11 @@ pace = "fast"
 def last_deploy(broker: str) -> dict | None:
     """The device's retained deploy state (what it says it serves, and why)."""
     sys.path.insert(0, str(ROOT))
-    from agent.fleet import FleetClient, FleetOptions
+    from agent.jetfleet.client import FleetClient, FleetOptions
 
     box: list[bytes] = []
     with FleetClient(FleetOptions(broker=broker)).connect() as client:
-        client.subscribe(client.topics.deploy(DEVICE), lambda topic, payload, props: box.append(payload))
+        client.subscribe(client.topics.deploy(DEVICE), lambda m: box.append(m.payload))
         time.sleep(0.5)
     return json.loads(box[-1]) if box else None
 

@@ -53,7 +53,7 @@ class Fleet:
 
     def serve(self, *extra: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"serve{len(self.servers)}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "agent.fleetcli", "--broker", self.broker.url, "serve",
+        p = subprocess.Popen([sys.executable, "-m", "agent.jetfleet.cli", "--broker", self.broker.url, "serve",
                               "--repo", str(self.repo), "--log-interval", "1", *extra],
                              cwd=ROOT, stdout=log, stderr=log)
         log.close()
@@ -77,8 +77,8 @@ class Fleet:
     def publish_model(self, model: Path, *targets: str, chunk_size: int = 65536, job: str | None = None,
                       **desired: Any) -> str:
         """What `jetfleet push --no-wait` does, through the library: sign, add, publish retained."""
-        from agent.fleetrepo import ModelRepo
-        from agent.protocol import Topics, encode
+        from agent.jetfleet.repo import ModelRepo
+        from agent.wire.core import Topics, encode
 
         entry = ModelRepo(self.repo).add(model, self.keys / "fleet.key", chunk_size=chunk_size)
         sha = entry.manifest.sha256

@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from agent.fleet import FleetClient, FleetOptions
-from agent.protocol import Topics, command_ok, decode, encode, state_message
+from agent.jetfleet.client import FleetClient, FleetOptions
+from agent.wire.core import Inbound, Topics, decode, encode
+from agent.wire.device import command_ok, state_message
 from broker import Broker
 
 T = Topics()
@@ -73,7 +71,8 @@ class FakeDevice:
         self.client.publish(T.deploy(self.device_id), encode(msg), retain=True)
         time.sleep(self.step_s)
 
-    def _on_desired(self, topic: str, payload: bytes, props: Any) -> None:
+    def _on_desired(self, m: Inbound) -> None:
+        topic, payload = m.topic, m.payload
         msg = decode(payload, "desired") if payload else None
         self.desired_seen.append((topic, msg))
         if topic == T.desired(self.device_id):
@@ -87,9 +86,8 @@ class FakeDevice:
             self._applied = eff["job"]
             self._work.put(("deploy", eff))
 
-    def _on_cmd(self, topic: str, payload: bytes, props: Any) -> None:
-        self._work.put(("cmd", (json.loads(payload), getattr(props, "ResponseTopic", None),
-                                getattr(props, "CorrelationData", None))))
+    def _on_cmd(self, m: Inbound) -> None:
+        self._work.put(("cmd", (json.loads(m.payload), m.response_topic, m.correlation_data)))
 
     # -- the worker: what a device's updater does, scripted ----------------------------------
     def _run(self) -> None:
@@ -138,10 +136,7 @@ class FakeDevice:
         else:
             reply = command_ok({"queued": True})
         if response_topic:
-            props = Properties(PacketTypes.PUBLISH)
-            if corr is not None:
-                props.CorrelationData = corr
-            self.client.publish(response_topic, encode(reply), properties=props)
+            self.client.publish(response_topic, encode(reply), correlation_data=corr)
         if reply["ok"]:
             self.rollbacks += 1
             job = f"rollback-{int(time.time() * 1000)}"
@@ -165,13 +160,13 @@ def retained(broker: Broker, topic_filter: str, settle_s: float = 0.5) -> dict[s
     """The retained messages under a filter, topic -> payload."""
     got: dict[str, bytes] = {}
     c = FleetClient(FleetOptions(broker=broker.url)).connect()
-    c.subscribe(topic_filter, lambda t, p, props: got.__setitem__(t, p))
+    c.subscribe(topic_filter, lambda m: got.__setitem__(m.topic, m.payload))
     time.sleep(settle_s)
     c.close()
     return {t: p for t, p in got.items() if p}
 
 
 def write_key_dir(tmp: Path) -> tuple[Path, Path]:
-    from agent.signing import generate_keys
+    from agent.wire.signing import generate_keys
 
     return generate_keys(tmp / "keys")

@@ -156,7 +156,7 @@ class Recorder:
 
 def jetfleet(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """The `jetfleet` CLI through its real entry point."""
-    return subprocess.run([sys.executable, "-m", "agent.fleetcli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "agent.jetfleet.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -156,8 +156,9 @@ def test_too_few_frames_is_a_clear_error() -> None:
 
 def test_reservoir_on_the_real_camera_pipeline(tmp_path: Path) -> None:
     """A real grabber on a real video file feeding a real model; the reservoir rides along."""
-    from agent.pipeline import CameraPipeline
-    from agent.sources import Grabber, parse_source
+    from agent.camera.grabber import Grabber
+    from agent.camera.pipeline import CameraPipeline
+    from agent.camera.sources import parse_source
     from engines.runner import open_model
 
     model = conv_classifier(tmp_path / "cls.onnx")

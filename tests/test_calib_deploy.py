@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.manifest import AccuracyBound
+from agent.wire.manifest import AccuracyBound
 from calib_models import blob_detector, blob_frames, colour_frames, conv_classifier
 from calibration import ort_target
 from calibration.candidates import TimingPlan

@@ -11,9 +11,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.commands import CommandRouter, CommandService, redacted, register_agent_commands
 from agent.config import parse_config
-from agent.protocol import MAX_CMD_BYTES, Inbound, encode
+from agent.uplink.commands import CommandRouter, CommandService, redacted, register_agent_commands
+from agent.wire.core import Inbound, encode
+from agent.wire.device import MAX_CMD_BYTES
 from engines.errors import JetagentError
 
 CONFIG = parse_config({

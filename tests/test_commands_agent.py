@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.fleet import FleetClient, FleetOptions
-from agent.protocol import MAX_CMD_BYTES, Topics, encode
+from agent.jetfleet.client import FleetClient, FleetOptions
+from agent.wire.core import Inbound, Topics, encode
+from agent.wire.device import MAX_CMD_BYTES
 from broker import Broker
 from conftest import color_frames, write_video
 from fleet_helpers import AgentProcess, Recorder, agent_config, jetfleet
@@ -55,6 +56,7 @@ class Rig:
 
     def send(self, payload: bytes, reply_to: str | None, correlation: bytes | None = None,
              extra: dict[str, Any] | None = None) -> None:
+        """Any MQTT 5 properties: through the recorder's raw paho client (jetfleet's sets only its own)."""
         props = Properties(PacketTypes.PUBLISH)
         if reply_to is not None:
             props.ResponseTopic = reply_to
@@ -62,7 +64,7 @@ class Rig:
             props.CorrelationData = correlation
         for k, v in (extra or {}).items():
             setattr(props, k, v)
-        self.op.publish(T.cmd(DEV), payload, properties=props)
+        self.health.client.publish(T.cmd(DEV), payload, qos=1, properties=props).wait_for_publish(5)
 
     def reply(self, topic: str, timeout: float = 10.0) -> tuple[dict[str, Any], bytes | None]:
         deadline = time.monotonic() + timeout
@@ -89,9 +91,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory, color_model: Path) -> Iterator
         replies: dict[str, list[tuple[bytes, bytes | None]]] = {}
         lock = threading.Lock()
 
-        def on_reply(topic: str, body: bytes, props: Any) -> None:
+        def on_reply(m: Inbound) -> None:
             with lock:
-                replies.setdefault(topic, []).append((body, getattr(props, "CorrelationData", None)))
+                replies.setdefault(m.topic, []).append((m.payload, m.correlation_data))
 
         op.subscribe(T.dev(DEV, "cmd/reply/#"), on_reply)
         r = Rig(b, agent, op, health, replies, lock)
@@ -167,7 +169,7 @@ def test_commands_without_a_response_topic_are_logged_and_harmless(rig: Rig) -> 
 
 def test_a_response_topic_naming_the_devices_own_topics_is_refused(rig: Rig) -> None:
     seen: list[bytes] = []
-    rig.op.subscribe(T.state(DEV), lambda topic, body, props: seen.append(body))
+    rig.op.subscribe(T.state(DEV), lambda m: seen.append(m.payload))
     time.sleep(0.3)
     n = len(seen)  # the retained state
     for own in (T.state(DEV), T.health(DEV), T.cmd(DEV)):

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.protocol_delivery import chunk_frame, parse_get_request
+from agent.wire.chunks import chunk_frame, parse_get_request
 from broker import Broker
 from delivery_helpers import Fleet, model_version
 from onnx_models import slow_classifier

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent import deploy_states as ds
+from agent.wire import deploy as ds
 
 
 def test_every_state_is_reachable_from_received_and_terminals_are_final() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.fetch import Cancelled, Chunk, Fetcher, FetchError
-from agent.manifest import build_manifest
-from agent.store import ModelStore
+from agent.delivery.fetch import Cancelled, Chunk, Fetcher, FetchError
+from agent.delivery.store import ModelStore
+from agent.wire.manifest import build_manifest
 from engines.modelcard import parse_card
 from onnx_models import color_card_json
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol import Topics
+from agent.wire.core import Topics
 from broker import Broker
 from fleet_helpers import AgentProcess, Recorder, agent_config, first_seen, jetfleet, status_json
 

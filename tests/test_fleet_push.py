@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from fake_devices import FakeDevice, retained, write_key_dir
 
-from agent.fleetprogress import Display, Target
-from agent.fleetpush import LARGE_MODEL, choose_chunk_size, chunk_limit, desired_message
-from agent.manifest import parse_manifest
-from agent.protocol import Topics, decode
-from agent.signing import TrustStore, verify
-from agent.updater import Desired
+from agent.jetfleet.progress import Display, Target
+from agent.jetfleet.push import LARGE_MODEL, choose_chunk_size, chunk_limit
+from agent.wire.core import Topics, decode
+from agent.wire.desired import Desired, desired_message
+from agent.wire.manifest import parse_manifest
+from agent.wire.signing import TrustStore, verify
 from broker import Broker, free_port
 from engines.errors import JetagentError
 from fleet_helpers import jetfleet

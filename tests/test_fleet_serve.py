@@ -1,7 +1,7 @@
 """`jetfleet serve` and `jetfleet keys init` against a real Mosquitto.
 
 The requester is a plain MQTT client speaking the device's side of the wire
-(agent.protocol_delivery): block requests with a Response Topic and Correlation Data.
+(agent.wire.chunks): block requests with a Response Topic and Correlation Data.
 """
 
 from __future__ import annotations
@@ -18,16 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from agent.fleet import FleetClient, FleetOptions
-from agent.fleetrepo import ModelRepo
-from agent.fleetserve import ModelServer, throughput_line
-from agent.manifest import Manifest
-from agent.protocol import Topics, encode
-from agent.protocol_delivery import get_request, is_json, parse_chunk_frame, parse_server_error
-from agent.signing import fingerprint_file, generate_keys
+from agent.jetfleet.client import FleetClient, FleetOptions
+from agent.jetfleet.repo import ModelRepo
+from agent.jetfleet.serve import ModelServer, throughput_line
+from agent.wire.chunks import get_request, is_json, parse_chunk_frame, parse_server_error
+from agent.wire.core import Inbound, Topics, encode
+from agent.wire.manifest import Manifest
+from agent.wire.signing import fingerprint_file, generate_keys
 from broker import Broker
 from conftest import ROOT
 from fleet_helpers import jetfleet
@@ -67,17 +65,14 @@ class Requester:
         self.cond = threading.Condition()
         self.client.subscribe(T.dev(device, "reply/#"), self._on)
 
-    def _on(self, topic: str, payload: bytes, props: Properties | None) -> None:
+    def _on(self, m: Inbound) -> None:
         with self.cond:
-            self.replies.append((topic, payload, getattr(props, "CorrelationData", None)))
+            self.replies.append((m.topic, m.payload, m.correlation_data))
             self.cond.notify_all()
 
     def send(self, sha: str, payload: bytes, *, response_topic: str | None = "", correlation: bytes = b"c1") -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        if response_topic is not None:
-            props.ResponseTopic = response_topic or T.reply(self.device, "chunks")
-        props.CorrelationData = correlation
-        self.client.publish(T.get(sha), payload, properties=props)
+        reply = None if response_topic is None else response_topic or T.reply(self.device, "chunks")
+        self.client.publish(T.get(sha), payload, correlation_data=correlation, response_topic=reply)
 
     def ask(self, sha: str, chunks: list[int], correlation: bytes = b"c1") -> None:
         self.send(sha, encode(get_request(self.device, chunks)), correlation=correlation)
@@ -195,7 +190,7 @@ def test_foreign_or_missing_response_topics_are_refused_without_a_reply(broker: 
     attacker, victim = Requester(broker, "dev-a"), Requester(broker, "dev-b")
     watch = FleetClient(FleetOptions(broker=broker.url)).connect()
     elsewhere: list[str] = []
-    watch.subscribe("#", lambda t, p, props: elsewhere.append(t) if "/models/" not in t else None)
+    watch.subscribe("#", lambda m: elsewhere.append(m.topic) if "/models/" not in m.topic else None)
     try:
         bad = encode(get_request("dev-a", [0, 1]))
         attacker.send(m.sha256, bad, response_topic=T.reply("dev-b", "chunks"))  # someone else's reply topic
@@ -270,7 +265,7 @@ def test_serve_cli_answers_and_stops_cleanly_on_sigterm_and_sigint(broker: Broke
     model = blob_model(tmp_path / "m.onnx", 4 * 4096)
     repo = ModelRepo(tmp_path / "repo")
     m = repo.add(model, key, chunk_size=4096).manifest
-    procs = [subprocess.Popen([sys.executable, "-m", "agent.fleetcli", "--broker", broker.url, "serve", "--repo",
+    procs = [subprocess.Popen([sys.executable, "-m", "agent.jetfleet.cli", "--broker", broker.url, "serve", "--repo",
                                str(repo.root), "--log-interval", "0.2"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     dev = Requester(broker)

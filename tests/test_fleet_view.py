@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.fleet import FleetView, format_table
-from agent.protocol import Topics, encode, state_message
+from agent.jetfleet.view import FleetView, format_table
+from agent.wire.core import Topics, encode
+from agent.wire.device import state_message
 
 T = Topics()
 CAM = {"camera": "front", "model": "person", "sha256": "a" * 64, "backend": "onnxruntime", "precision": "int8"}
@@ -83,7 +84,7 @@ def test_the_examples_in_docs_protocol_md_pass_the_checks_readers_use() -> None:
     """docs/protocol.md is the wire contract: its examples must be messages we accept."""
     import re
 
-    from agent.protocol import check_health, check_reply, check_state, parse_command
+    from agent.wire.device import check_health, check_reply, check_state, parse_command
     from conftest import ROOT
 
     text = (ROOT / "docs" / "protocol.md").read_text()

@@ -16,9 +16,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import ConfigError, FleetConfig, parse_config
-from agent.link import FleetLink, PacketTooLarge, check_fleet, jittered, publish_packet_size
-from agent.outbox import Outbox, OutboxPublisher
-from agent.protocol import Inbound, Topics
+from agent.mqtt import publish_packet_size
+from agent.uplink.link import FleetLink, PacketTooLarge, check_fleet, jittered
+from agent.uplink.outbox import Outbox, OutboxPublisher
+from agent.wire.core import Inbound, Topics
 from broker import Broker
 from fleet_helpers import Recorder
 

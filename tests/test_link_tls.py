@@ -11,13 +11,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.config import FleetConfig, TLSConfig
-from agent.fleet import FleetClient, FleetError, FleetOptions
-from agent.link import FleetLink
-from agent.protocol import Inbound, Topics, encode, state_message
+from agent.jetfleet.client import FleetClient, FleetError, FleetOptions
+from agent.uplink.link import FleetLink
+from agent.wire.core import Inbound, Topics, encode
+from agent.wire.device import state_message
 from broker import PKI, Broker, make_pki
 from conftest import ROOT
 from fleet_helpers import Recorder, status_json
@@ -128,9 +127,7 @@ def check_acl(b: Broker, admin: Recorder, link_a: FleetLink, b_client: Client, s
         # B cannot read A's commands; A gets them
         b_client.c.subscribe(T.cmd("dev-a"), qos=1)
         assert b_client.subbed.wait(5)
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = T.cmd_reply("dev-a", "op")
-        send_cmd.publish(T.cmd("dev-a"), b'{"v":1,"cmd":"ping"}', properties=props)
+        send_cmd.publish(T.cmd("dev-a"), b'{"v":1,"cmd":"ping"}', response_topic=T.cmd_reply("dev-a", "op"))
         deadline = time.monotonic() + 5
         while not got_a and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -189,7 +186,7 @@ def test_password_logins_with_the_same_acl(password_broker: Broker) -> None:
 
 
 def test_missing_tls_files_are_a_clear_error(tmp_path: Path) -> None:
-    from agent.link import LinkError
+    from agent.uplink.link import LinkError
 
     cfg = FleetConfig(broker="mqtts://127.0.0.1:8883", tls=TLSConfig(ca=tmp_path / "nope.crt"))
     with pytest.raises(LinkError, match=r"fleet\.tls: cannot load CA/certificate/key"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox, OutboxError, OutboxPublisher, Undeliverable
+from agent.uplink.outbox import Outbox, OutboxError, OutboxPublisher, Undeliverable
 
 
 def body(seq: int, size: int = 0) -> bytes:

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.pipeline import CameraPipeline
-from agent.sources import Grabber, parse_source
+from agent.camera.grabber import Grabber
+from agent.camera.pipeline import CameraPipeline
+from agent.camera.sources import parse_source
 from engines.runner import open_model
 from onnx_models import color_classifier, failing_model
 

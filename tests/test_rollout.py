@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from fake_devices import FakeDevice, retained, write_key_dir
 
-from agent.protocol import Topics, decode
-from agent.rolloutstate import Plan, RolloutStore, decide, judge, new_state, parse_duration, pick_canaries
+from agent.jetfleet.rollout_state import Plan, RolloutStore, decide, judge, new_state, parse_duration, pick_canaries
+from agent.wire.core import Topics, decode
 from broker import Broker
 from conftest import ROOT
 from engines.errors import JetagentError
@@ -103,7 +103,7 @@ def test_a_killed_rollout_resumes_where_it_was(broker: Broker, tmp_path: Path, c
     devs = lobby(broker, 3)
     args = rollout_args(broker, tmp_path, color_model, "--canary", "30%", "--promote-after", "4s")
     try:
-        first = subprocess.Popen([sys.executable, "-m", "agent.fleetcli", *args], cwd=ROOT,
+        first = subprocess.Popen([sys.executable, "-m", "agent.jetfleet.cli", *args], cwd=ROOT,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:  # until the canary is active and being watched

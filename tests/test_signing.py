@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.manifest import AccuracyBound, build_manifest, parse_manifest
-from agent.protocol import ProtocolError
-from agent.signing import (
-    KeyFileError,
-    SignatureError,
-    TrustStore,
-    generate_keys,
-    load_private_key,
-    sign,
-    verify,
-)
+from agent.wire.core import ProtocolError
+from agent.wire.manifest import AccuracyBound, build_manifest, parse_manifest
+from agent.wire.signing import KeyFileError, SignatureError, TrustStore, generate_keys, load_private_key, sign, verify
 from engines.modelcard import load_card
 
 

@@ -8,14 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.sources import (
-    DirectoryReader,
-    Grabber,
-    SourceError,
-    SourceSpec,
-    parse_source,
-    probe_source,
-)
+from agent.camera.grabber import Grabber
+from agent.camera.sources import DirectoryReader, SourceError, SourceSpec, parse_source, probe_source
 from conftest import color_frames, write_video
 
 

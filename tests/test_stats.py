@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.stats import Histogram, RateMeter
+from agent.camera.stats import Histogram, RateMeter
 
 
 def test_percentiles_within_two_percent_of_exact() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.manifest import build_manifest
-from agent.store import ChunkRejected, ModelStore, StoreError
+from agent.delivery.store import ChunkRejected, ModelStore, StoreError
+from agent.wire.manifest import build_manifest
 from engines.modelcard import parse_card
 from onnx_models import color_card_json
 

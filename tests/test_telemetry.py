@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry import Telemetry, find_gpu_load, parse_tegrastats, thermal_zones
+from agent.uplink.telemetry import Telemetry, find_gpu_load, parse_tegrastats, thermal_zones
 
 # Line shapes as NVIDIA's L4T docs and FACTS.md describe them, one per release family.
 JETPACK4_NANO = (

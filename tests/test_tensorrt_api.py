@@ -29,6 +29,7 @@ import trt_standins
 from engines import cuda_mem, tensorrt, trt_api, trt_build
 from engines.base import BackendOptions, open_backend
 from engines.errors import BackendUnavailable, InferenceError, JetagentError, ModelLoadError
+from engines.fileio import sha256_file
 from engines.trt_build import (
     BuildRequest,
     BuildUnsupported,
@@ -275,7 +276,7 @@ def test_implicit_int8_build(version: str, use_trt: Install, models: Models,
     assert cache.read_bytes() == b"standin-calibration-table"
     sidecar = json.loads(tensorrt.sidecar_path(plan).read_text())
     assert sidecar == json.loads(json.dumps(report.to_dict()))
-    assert sidecar["tensorrt_version"] == version and sidecar["plan_sha256"] == tensorrt.file_sha256(plan)
+    assert sidecar["tensorrt_version"] == version and sidecar["plan_sha256"] == sha256_file(plan)
     flags = {flag.name for (flag,) in env.calls("IBuilderConfig.set_flag")}
     assert flags == {"INT8", "FP16"}
     explicit_batch = 1 << 0  # 8.x only

@@ -1,6 +1,6 @@
 """The updater end to end below MQTT: real store, real signed manifests, real models,
 real camera pipelines on a generated video; the transport is a stand-in at our seam
-(agent.updater.Transport) serving chunks from a real jetfleet repository."""
+(agent.delivery.updater.Transport) serving chunks from a real jetfleet repository."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import deploy_states as S
-from agent.fetch import Chunk
-from agent.fleetrepo import ModelRepo
-from agent.pipeline import CameraPipeline
-from agent.signing import TrustStore, generate_keys
-from agent.slots import Slot, Slots
-from agent.sources import Grabber, parse_source
-from agent.store import ModelStore
-from agent.updater import Desired, Updater
+from agent.camera.grabber import Grabber
+from agent.camera.pipeline import CameraPipeline
+from agent.camera.sources import parse_source
+from agent.delivery.fetch import Chunk
+from agent.delivery.slots import Slot, Slots
+from agent.delivery.store import ModelStore
+from agent.delivery.updater import Updater
+from agent.jetfleet.repo import ModelRepo
+from agent.wire import deploy as S
+from agent.wire.desired import Desired
+from agent.wire.signing import TrustStore, generate_keys
 from engines.base import BackendOptions
 from engines.modelcard import ModelCard
 from engines.runner import ModelRunner, open_model
@@ -306,7 +308,7 @@ def test_shutdown_mid_download_leaves_no_verdict_and_the_job_runs_again(rig: Rig
 
 
 def test_an_os_error_fails_the_job_and_the_worker_goes_on(rig: Rig, tmp_path: Path, monkeypatch) -> None:
-    from agent import store as store_mod
+    from agent.delivery import store as store_mod
 
     def broken(*a: Any, **k: Any) -> None:
         raise OSError(28, "No space left on device")
@@ -377,7 +379,7 @@ def test_a_rollback_asked_during_a_download_cancels_it_then_rolls_back(rig: Rig,
 
 def test_unsolicited_chunks_are_dropped_on_arrival(rig: Rig) -> None:
     rig.updater.on_chunk(Chunk("a" * 64, 0, b"x" * 100, "r"))
-    assert rig.updater.chunks.empty() and rig.updater.unsolicited_chunks == 1
+    assert rig.updater.inbox.queue.empty() and rig.updater.inbox.unsolicited == 1
 
 
 @pytest.mark.parametrize("policy, where", [
@@ -385,7 +387,7 @@ def test_unsolicited_chunks_are_dropped_on_arrival(rig: Rig) -> None:
     ({"check_frames": 0}, "check_frames"), ({"min_fps_ratio": 2}, "min_fps_ratio"),
 ])
 def test_unreasonable_policies_are_refused(policy: dict, where: str) -> None:
-    from agent.protocol import ProtocolError
+    from agent.wire.core import ProtocolError
 
     with pytest.raises(ProtocolError, match=where):
         Desired.parse({"v": 1, "job": "j", "model": "a" * 64, "policy": policy})

@@ -76,6 +76,10 @@ class Postprocessor(Protocol):
 
     def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result: ...
 
+    def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The outputs as named channel groups for `engines.sanity`: box channels and
+        (activated) score channels apart, so neither can hide the other."""
+
 
 def _empty_detections() -> Result:
     return Result(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
@@ -135,6 +139,11 @@ class _Base:
             raise ModelCardError(f"{self.where}: {key}: missing")
         return self.cfg[key]
 
+    def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Default: each output the post-processor reads (or every output) is one group."""
+        names = self.output_names or tuple(outputs)
+        return {n: np.asarray(outputs[n]) for n in names if n in outputs}
+
     def fetch(self, outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
         try:
             return outputs[name]
@@ -174,10 +183,16 @@ class ClassificationPost(_Base):
         self.top_k = int(self.opt("top_k", 5))
         self.activation = str(self.opt("score_activation", "softmax"))
 
-    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+    def _probabilities(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         arr = self.fetch(outputs, self.output) if self.output else next(iter(outputs.values()))
         logits = np.asarray(arr, dtype=np.float32).reshape(-1)
-        probs = _activate(logits, self.activation)
+        return _activate(logits, self.activation)
+
+    def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"scores": self._probabilities(outputs)}
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+        probs = self._probabilities(outputs)
         k = min(self.top_k, probs.shape[0])
         idx = np.argpartition(-probs, k - 1)[:k]
         idx = idx[np.argsort(-probs[idx], kind="stable")]
@@ -209,6 +224,12 @@ class SSDPost(_Base):
         self.max_detections = int(self.opt("max_detections", 100))
         t = min(max(self.score_threshold, 1e-12), 1 - 1e-7)
         self._logit_threshold = float(np.log(t / (1 - t)))
+
+    def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        enc = np.asarray(self.fetch(outputs, self.boxes_name), dtype=np.float32).reshape(-1, 4)
+        logits = np.asarray(self.fetch(outputs, self.scores_name), dtype=np.float32).reshape(enc.shape[0], -1)
+        scores = _activate(logits, self.activation)
+        return {"box_encodings": enc, "scores": scores[:, 1:] if self.background else scores}
 
     def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
         enc = np.asarray(self.fetch(outputs, self.boxes_name), dtype=np.float32).reshape(-1, 4)
@@ -266,7 +287,8 @@ class YoloPost(_Base):
         self.max_detections = int(self.opt("max_detections", 100))
         self.num_classes = len(card.labels) or None
 
-    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+    def _rows(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The head as (N, 4+C) (v8) or (N, 5+C) (v5), one row per candidate."""
         out = np.asarray(self.fetch(outputs, self.output), dtype=np.float32)
         if out.ndim == 3:
             out = out[0]
@@ -276,6 +298,23 @@ class YoloPost(_Base):
                 out = out.T
             elif out.shape[0] < out.shape[1]:
                 out = out.T
+        return out
+
+    def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self._rows(outputs)
+        if self.version == "v8":
+            g = {"boxes": out[:, :4], "scores": out[:, 4:]}
+            cls = out[:, 4:]
+        else:
+            g = {"boxes": out[:, :4], "objectness": out[:, 4], "class_scores": out[:, 5:]}
+            cls = out[:, 5:] * out[:, 4:5]
+        scoring = cls.max(axis=1) >= self.score_threshold if cls.size else np.zeros(0, bool)
+        g["detected_boxes_xywh"] = out[scoring, :4]
+        return g
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+        out = self._rows(outputs)
+        if self.version == "v8":
             cls = out[:, 4:]
         else:
             cls = out[:, 5:] * out[:, 4:5]

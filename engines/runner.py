@@ -13,6 +13,7 @@ from engines.fileio import sha256_file
 from engines.modelcard import ModelCard, card_path_for, check_backend, load_card
 from engines.postprocess import FrameTransform, Postprocessor, Result, make_postprocessor
 from engines.preprocess import Preprocessor
+from engines.sanity import Finding, frame_findings
 
 
 def file_sha256(path: str | Path) -> str:
@@ -64,6 +65,12 @@ class ModelRunner:
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
         return self.post(outputs, transform)
+
+    def sanity(self, outputs: Mapping[str, np.ndarray], result: Result | None = None) -> list[Finding]:
+        """What `engines.sanity` finds wrong with one frame's outputs of this model (empty: none)."""
+        spec = self.card.input
+        return frame_findings(outputs, self.post, specs=self.backend.outputs, result=result,
+                              input_size=(spec.width, spec.height))
 
     def run(self, frame: np.ndarray) -> Result:
         tensor, transform = self.preprocess(frame)

@@ -133,11 +133,10 @@ def test_yolo_v5_multiplies_objectness(tmp_path: Path) -> None:
     assert r.class_ids.tolist() == [0] and r.scores[0] == pytest.approx(0.45)
 
 
-def test_unknown_postprocessor_kind() -> None:
-    card = parse_card({"name": "m", "input": {"name": "x", "width": 8, "height": 8},
-                       "postprocess": {"kind": "segmentation"}})
-    with pytest.raises(ModelCardError, match="kind"):
-        make_postprocessor(card)
+def test_unknown_postprocessor_kind_is_refused_when_the_card_is_read() -> None:
+    with pytest.raises(ModelCardError, match="postprocess: kind: must be one of .*not 'segmentation'"):
+        parse_card({"name": "m", "input": {"name": "x", "width": 8, "height": 8},
+                    "postprocess": {"kind": "segmentation"}})
 
 
 def test_inline_anchors_equal_the_file(tmp_path: Path) -> None:

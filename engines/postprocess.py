@@ -300,7 +300,8 @@ class YoloPost(_Base):
         if out.ndim == 3:
             out = out[0]
         if out.ndim != 2:
-            raise ModelMismatch(f"{self.where}: output {self.output!r} has shape {list(np.shape(outputs[self.output]))}; "
+            shape = list(np.shape(outputs[self.output]))
+            raise ModelMismatch(f"{self.where}: output {self.output!r} has shape {shape}; "
                                 f"a YOLO{self.version} head is (1, {'4+C, N' if self.version == 'v8' else 'N, 5+C'})")
         if self.version == "v8":
             # (4+C, N) -> (N, 4+C); exporters emit it channel-first.

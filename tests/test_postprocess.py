@@ -134,7 +134,7 @@ def test_yolo_v5_multiplies_objectness(tmp_path: Path) -> None:
 
 
 def test_unknown_postprocessor_kind_is_refused_when_the_card_is_read() -> None:
-    with pytest.raises(ModelCardError, match="postprocess: kind: must be one of .*not 'segmentation'"):
+    with pytest.raises(ModelCardError, match=r"postprocess: kind: must be one of .*not 'segmentation'"):
         parse_card({"name": "m", "input": {"name": "x", "width": 8, "height": 8},
                     "postprocess": {"kind": "segmentation"}})
 

@@ -44,6 +44,7 @@ class RawBenchOptions:
     rounds: int = 2
     inputs: int = 4  # distinct generated input sets the loop cycles through
     notes: list[str] = field(default_factory=list)
+    build_launcher: tuple[str, ...] | None = None  # the TensorRT build child (tests: a stand-in TensorRT)
 
 
 def parse_shapes(text: str) -> Shapes:
@@ -170,13 +171,16 @@ def open_raw_backend(opts: RawBenchOptions, shapes: Shapes, scratch: Path) -> tu
     timings: dict[str, float] = {}
     path = opts.model
     if opts.backend == "tensorrt" and path.suffix.lower() == ".onnx":
-        from calibration.build import build_in_child
+        from calibration.build import DEFAULT_LAUNCHER, build_in_child
         from engines.trt_build import BuildRequest
 
         plan = scratch / f"{path.stem}.fp32.plan"
+        dynamic = {t.name for t in _declared_inputs(path) or () if not all(isinstance(d, int) and d > 0
+                                                                          for d in t.shape)}
+        request = BuildRequest(precision="fp32",
+                               profile_shapes={n: (s, s, s) for n, s in shapes.items() if n in dynamic} or None)
         t0 = time.perf_counter()
-        build_in_child(path, plan, BuildRequest(precision="fp32",
-                                                profile_shapes={n: (s, s, s) for n, s in shapes.items()}))
+        build_in_child(path, plan, request, launcher=opts.build_launcher or DEFAULT_LAUNCHER)
         timings["build_s"] = round(time.perf_counter() - t0, 3)
         path = plan
     t0 = time.perf_counter()
@@ -230,10 +234,13 @@ def _loop(opts: RawBenchOptions, backend: Backend, shapes: Shapes, timings: dict
             i = (i + 1) % len(sets)
         fps.append(n / (now - start))
     batch = min((s[0] for s in shapes.values() if s), default=1)
+    described = dict(backend.describe())  # ONNX Runtime says backend/version, TensorRT runtime/tensorrt_version
+    described.setdefault("backend", backend.name)
+    described.setdefault("version", described.get("tensorrt_version"))
     median_fps = round(float(np.median(fps)), 2)
     return {
         "model": str(opts.model), "model_name": opts.model.stem, "sha256": sha256_file(opts.model),
-        "mode": "raw", "card": None, "backend": backend.describe(), "precision": backend.precision,
+        "mode": "raw", "card": None, "backend": described, "precision": backend.precision,
         "threads": opts.threads, "video": None,
         "inputs": {t.name: {"shape": list(shapes[t.name]), "dtype": t.dtype} for t in backend.inputs},
         "outputs": {n: list(np.shape(v)) for n, v in outputs.items()},

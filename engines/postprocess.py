@@ -299,16 +299,16 @@ class YoloPost(_Base):
         out = np.asarray(self.fetch(outputs, self.output), dtype=np.float32)
         if out.ndim == 3:
             out = out[0]
-        if out.ndim != 2:
-            shape = list(np.shape(outputs[self.output]))
-            raise ModelMismatch(f"{self.where}: output {self.output!r} has shape {shape}; "
-                                f"a YOLO{self.version} head is (1, {'4+C, N' if self.version == 'v8' else 'N, 5+C'})")
-        if self.version == "v8":
+        if out.ndim == 2 and self.version == "v8":
             # (4+C, N) -> (N, 4+C); exporters emit it channel-first.
             if self.num_classes is not None and out.shape[0] == 4 + self.num_classes:
                 out = out.T
             elif out.shape[0] < out.shape[1]:
                 out = out.T
+        if out.ndim != 2 or out.shape[1] < (5 if self.version == "v8" else 6):
+            shape = list(np.shape(outputs[self.output]))
+            raise ModelMismatch(f"{self.where}: output {self.output!r} has shape {shape}; "
+                                f"a YOLO{self.version} head is (1, {'4+C, N' if self.version == 'v8' else 'N, 5+C'})")
         return out
 
     def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from agent.wire.signing import load_private_key, sign
 from engines.cardinit import card_for
 from engines.errors import JetagentError, ModelLoadError
 from engines.fileio import atomic_write_bytes
-from engines.modelcard import ModelCard, parse_card
+from engines.modelcard import ModelCard, card_path_for, parse_card
 from engines.postprocess import inline_array, load_array
 
 
@@ -63,7 +63,8 @@ class ModelRepo:
         except OSError as exc:
             raise ModelLoadError(f"cannot read model {mp}: {exc.strerror or exc}") from exc
         # the card given or beside it, or the one derived from the model when that is unambiguous
-        card, _ = card_for(mp, None if card_path is None else Path(card_path))
+        explicit = card_path is not None and Path(card_path) != card_path_for(mp)
+        card, _ = card_for(mp, Path(card_path) if explicit and card_path is not None else None)
         raw = card_for_transport(card)
         if labels is not None:
             raw["labels"] = labels

@@ -301,9 +301,9 @@ def _efficient_nms(facts: ModelFacts, shapes: Mapping[str, tuple[Any, ...]], out
     if len(shapes) != 4:
         return None
     by = {t.name: t for t in facts.outputs}
-    num = [n for n, s in shapes.items() if len(s) == 2 and s[1] == 1]
+    num = [n for n, s in shapes.items() if len(s) in (1, 2) and s[-1] == 1]  # (1, 1); TF's num_detections (1,)
     boxes = [n for n, s in shapes.items() if len(s) == 3 and s[2] == 4]
-    pairs = [n for n, s in shapes.items() if len(s) == 2 and s[1] != 1]
+    pairs = [n for n, s in shapes.items() if len(s) == 2 and s[1] != 1 and n not in num]
     if len(num) != 1 or len(boxes) != 1 or len(pairs) != 2:
         return None
     ints = [n for n in pairs if by[n].dtype.startswith("int")]
@@ -317,6 +317,8 @@ def _efficient_nms(facts: ModelFacts, shapes: Mapping[str, tuple[Any, ...]], out
     scores = next(n for n in pairs if n != classes)
     plugin = facts.nms_plugin
     where = f"a {plugin['op']} node" if plugin else "four outputs (1,1), (1,K,4), (1,K), (1,K)"
+    if facts.exporter == "tf2onnx":
+        where += " (a TF Object Detection API export: its class ids start at 1)"
     post: dict[str, Any] = {"kind": "efficient_nms", "num_detections": num[0], "boxes": boxes[0], "scores": scores,
                             "classes": classes}
     d.add("postprocess.kind", "efficient_nms", f"{where}: NMS inside the model (TensorRT EfficientNMS style)")
@@ -384,9 +386,9 @@ def _yolo(facts: ModelFacts, shapes: Mapping[str, tuple[Any, ...]], outputs: Map
                        f"the metadata names {len(names)} classes, the head has {classes}")
     if metadata:
         reasons.append(f"{facts.exporter} metadata task {facts.task or 'detect (YOLOv5)'}")
-    certain = (n in known or metadata) and (names is None or len(names) == classes)
-    if not (certain or metadata or n in known):
+    if not (metadata or n in known):
         return None  # a 3-D tensor that is not recognisably a YOLO head
+    certain = names is None or len(names) == classes
     layout = "(1, 4+C, N)" if version == "v8" and a < b else "(1, N, 4+C)" if version == "v8" else "(1, N, 5+C)"
     d.add("postprocess.kind", "yolo", f"output {name} {[1, a, b]} is {layout}: " + "; ".join(reasons), certain)
     d.add("postprocess.version", version, f"layout {layout}", certain)

@@ -29,9 +29,6 @@ class TensorFacts:
         d = self.shape[axis]
         return d if isinstance(d, int) and d > 0 else None
 
-    def dynamic_axes(self) -> list[int]:
-        return [i for i, d in enumerate(self.shape) if not (isinstance(d, int) and d > 0)]
-
 
 @dataclass(frozen=True)
 class ModelFacts:

@@ -238,3 +238,30 @@ def test_the_derived_card_is_refused_by_check_model_when_labels_do_not_match(tmp
             check_model(runner)
     finally:
         runner.close()
+
+
+def test_a_tf_object_detection_api_export_reads_as_efficient_nms_yxyx_normalized(tmp_path: Path) -> None:
+    from card_models import _constant
+
+    k = 10
+    boxes = np.zeros((1, k, 4), np.float32)
+    boxes[0, 0] = [0.1, 0.2, 0.5, 0.6]  # y1, x1, y2, x2 as fractions
+    scores = np.zeros((1, k), np.float32)
+    scores[0, 0] = 0.8
+    heads = {"detection_boxes": boxes, "detection_scores": scores,
+             "detection_classes": np.ones((1, k), np.float32), "num_detections": np.array([1.0], np.float32)}
+    model = _constant(tmp_path / "tfod.onnx", heads, name="tfod", producer="tf2onnx")
+    d = derive_card(model)
+    post = d.card["postprocess"]
+    assert post == {"kind": "efficient_nms", "num_detections": "num_detections", "boxes": "detection_boxes",
+                    "scores": "detection_scores", "classes": "detection_classes", "box_format": "yxyx",
+                    "normalized": True}
+    path = tmp_path / "tfod.json"
+    path.write_text(json.dumps(d.card))
+    runner = open_model(model, card=path)
+    try:
+        r = runner.run(np.zeros((64, 64, 3), np.uint8))
+    finally:
+        runner.close()
+    assert r.boxes is not None
+    np.testing.assert_allclose(r.boxes, [[0.2 * 64, 0.1 * 64, 0.6 * 64, 0.5 * 64]], atol=1e-4)

@@ -3,6 +3,11 @@
 Whatever runtime ran the model, the camera loop, the reports and the accuracy
 gate see a `Result`: class ids and scores, and boxes in frame pixels for
 detectors. Swapping TensorRT INT8 for ONNX Runtime never touches them.
+
+Kinds (`postprocess.kind`, keys and defaults in engines/cardspec.py): classification,
+ssd, yolo (v5/v8 heads, NMS here), yolo_end2end (NMS inside the model: Ultralytics
+nms=True, YOLOv10), efficient_nms (TensorRT EfficientNMS-style outputs), raw. Each gives
+`groups()` for engines.sanity and `classes()` for the labels check.
 """
 
 from __future__ import annotations

@@ -40,9 +40,20 @@ def backend_options(config: Config, precision: str | None = None) -> BackendOpti
 
 
 def open_camera_model(config: Config, cam: CameraConfig) -> ModelRunner:
-    """The model the config names for a camera (its bootstrap model), at FP32."""
-    return open_model(cam.model, card=cam.card, backend=config.backend.name,
-                      options=backend_options(config, "fp32"))
+    """The model the config names for a camera (its bootstrap model), at FP32, checked with one
+    real inference on a generated frame (engines.modelcheck): a card whose size the model
+    cannot run (a stride-32 model at 300x300) fails here, at --check-config and start-up,
+    not on every camera frame."""
+    from engines.modelcheck import check_model
+
+    runner = open_model(cam.model, card=cam.card, backend=config.backend.name,
+                        options=backend_options(config, "fp32"))
+    try:
+        check_model(runner)
+    except JetagentError as exc:
+        runner.close()
+        raise JetagentError(f"camera {cam.name}: {exc}") from None
+    return runner
 
 
 class Serving:

@@ -49,10 +49,9 @@ def request_fields(request: BuildRequest, calibration_set: Path | None) -> dict[
     """A BuildRequest as the child's JSON (calibration comes as a stored set's directory)."""
     if request.calibration is not None:
         raise EngineBuildError("build_in_child takes calibration as a stored calibration set directory")
-    if request.profile_shapes:
-        raise EngineBuildError("build_in_child does not pass profile_shapes yet; models with dynamic inputs "
-                               "are built in-process")
-    return {"precision": request.precision, "int8_route": request.int8_route, "fp16_route": request.fp16_route,
+    profiles = {name: [list(shape) for shape in triple] for name, triple in (request.profile_shapes or {}).items()}
+    return {"profile_shapes": profiles or None,
+            "precision": request.precision, "int8_route": request.int8_route, "fp16_route": request.fp16_route,
             "calibration_set": str(calibration_set) if calibration_set else None,
             "calibration_cache": str(request.calibration_cache) if request.calibration_cache else None,
             "calibrator": request.calibrator, "max_calibration_batches": request.max_calibration_batches,

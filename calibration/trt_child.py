@@ -57,6 +57,9 @@ def build(request_path: Path) -> dict[str, Any]:
     for key in ("calibration_cache", "timing_cache"):
         if fields.get(key):
             fields[key] = Path(fields[key])
+    if fields.get("profile_shapes"):  # JSON lists back to (min, opt, max) shape tuples
+        fields["profile_shapes"] = {name: tuple(tuple(int(d) for d in shape) for shape in triple)
+                                    for name, triple in fields["profile_shapes"].items()}
     request = BuildRequest(**fields, calibration=_calibration_source(calib_dir) if calib_dir else None)
     emit("progress", stage="build", message=f"building {request.precision} engine")
     report = build_engine(job["onnx"], job["plan"], request)

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from engines.errors import BackendUnavailable, JetagentError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -45,9 +47,10 @@ ONLY_8 = frozenset({"8.5"})
 
 INSTALL_HINT = (
     "On a Jetson, TensorRT's Python bindings come with JetPack (apt package nvidia-tensorrt / "
-    "python3-libnvinfer) and pycuda builds from source against JetPack's CUDA "
-    "(PATH=/usr/local/cuda/bin:$PATH pip install pycuda). Create the agent's venv with "
-    "'python3 -m venv --system-site-packages' so the system tensorrt module is visible."
+    "python3-libnvinfer); device buffers need cuda-python (pip install 'cuda-python==<CUDA major.minor>.*') "
+    "or pycuda (built from source against JetPack's CUDA). scripts/install_jetson.sh sets up whichever "
+    "works. Create the agent's venv with 'python3 -m venv --system-site-packages' so the system "
+    "tensorrt module is visible."
 )
 
 
@@ -67,12 +70,15 @@ def _rows(families: frozenset[str], source: str, *names: str) -> tuple[ApiName, 
 # Enum classes: their dotted members are enum values, not methods.
 ENUMS = frozenset({
     "BuilderFlag", "NetworkDefinitionCreationFlag", "MemoryPoolType", "DeviceType",
-    "TensorIOMode", "DataType",
+    "TensorIOMode", "DataType", "TensorLocation",
 })
 
 API: tuple[ApiName, ...] = (
     # module level
     *_rows(ALL, "bind-X", "__version__", "nptype", "volume"),
+    # the plugin library (EfficientNMS_TRT, ...) registers itself only when asked, once per process,
+    # with a logger that must outlive it (a free function: no keep_alive) [bind-X pyPlugin.cpp]
+    *_rows(ALL, "bind-X", "init_libnvinfer_plugins"),
     *_rows(ALL, "bind-X", "Logger", "Logger.WARNING", "ILogger", "ILogger.log",
            "ILogger.INTERNAL_ERROR", "ILogger.ERROR", "ILogger.WARNING", "ILogger.INFO",
            "ILogger.VERBOSE"),
@@ -91,6 +97,9 @@ API: tuple[ApiName, ...] = (
            "ITimingCache.serialize", "IOptimizationProfile.set_shape", "IHostMemory",
            "MemoryPoolType.WORKSPACE", "BuilderFlag.GPU_FALLBACK", "DeviceType.GPU",
            "DeviceType.DLA"),
+    # TF32 is on by default ("Enabled by default", NvInfer.h at 8.6.1, 10.3.0 and 11.1): an FP32
+    # engine clears it [bind-X; NvInfer.h]
+    *_rows(ALL, "bind-X", "BuilderFlag.TF32", "IBuilderConfig.clear_flag", "IBuilderConfig.get_flag"),
     # weak typing and implicit quantization: gone in 11.x [mig11]
     *_rows(UP_TO_10, "bind-X, mig11", "BuilderFlag.INT8", "BuilderFlag.FP16",
            "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "IBuilderConfig.int8_calibrator",
@@ -109,9 +118,15 @@ API: tuple[ApiName, ...] = (
            "ICudaEngine.create_execution_context", "IExecutionContext.set_input_shape",
            "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
            "IExecutionContext.get_tensor_shape", "TensorIOMode.INPUT", "TensorIOMode.OUTPUT"),
+    # shape tensors live on the host: their address must be a host pointer [NvInferRuntime.h
+    # setTensorAddress; bind-X get_tensor_location, 8.5 on]
+    *_rows(ALL, "bind-X", "ICudaEngine.get_tensor_location", "TensorLocation.DEVICE", "TensorLocation.HOST"),
     *_rows(ALL, "bind-X", "DataType.FLOAT", "DataType.HALF", "DataType.INT8", "DataType.INT32",
            "DataType.BOOL", "DataType.UINT8"),
     *_rows(FROM_10, "bind-X", "DataType.INT64"),
+    # types numpy cannot hold: trt.nptype raises a bare TypeError on them (8.6 has FP8 too; the table
+    # lists it from 10 on, where the families agree) [bind-X pyFoundationalTypes.cpp, __init__.py]
+    *_rows(FROM_10, "bind-X", "DataType.BF16", "DataType.FP8", "DataType.INT4"),
     # the binding API, removed in 10.0 [mig10]; listed so nobody reaches for it
     *_rows(ONLY_8, "bind-X, mig10", "ICudaEngine.num_bindings", "ICudaEngine.get_binding_shape",
            "IExecutionContext.execute_async_v2", "Builder.build_engine",
@@ -229,6 +244,7 @@ _ROUTE_NEEDS: dict[str, tuple[str, ...]] = {
     "fp32": (),
 }
 _INFERENCE_NEEDS = (
+    "init_libnvinfer_plugins", "ICudaEngine.get_tensor_location",
     "Runtime.deserialize_cuda_engine", "ICudaEngine.num_io_tensors", "ICudaEngine.get_tensor_name",
     "ICudaEngine.get_tensor_mode", "ICudaEngine.get_tensor_shape", "ICudaEngine.get_tensor_dtype",
     "IExecutionContext.set_input_shape", "IExecutionContext.set_tensor_address",
@@ -272,6 +288,10 @@ class BuildUnsupported(JetagentError):
 
 class PrecisionUnavailable(BuildUnsupported):
     """The requested precision, or the route asked for, is not available here. Nothing was built."""
+
+
+class EngineBuildError(JetagentError):
+    """TensorRT failed while calibrating or building."""
 
 
 INT8_ROUTES = ("auto", "implicit-calibrator", "explicit-qdq")
@@ -361,3 +381,22 @@ def import_tensorrt() -> Any:
         return importlib.import_module("tensorrt")
     except ImportError as exc:
         raise BackendUnavailable(f"TensorRT is not importable here ({exc}). {INSTALL_HINT}") from exc
+
+
+# TensorRT DataType member name -> numpy dtype. BF16, FP8, INT4, FP4 and E8M0 have no numpy type.
+NUMPY_TYPES: dict[str, str] = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32",
+                               "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+
+
+def numpy_dtype(trt_type: Any, what: str) -> np.dtype[Any]:
+    """The numpy dtype of a TensorRT DataType, or ModelLoadError naming `what` and the type.
+
+    `trt.nptype` raises a bare TypeError on BF16/FP8/INT4 ("Could not resolve TensorRT
+    datatype"), which would escape as an internal error; this says which tensor and why.
+    """
+    name = str(getattr(trt_type, "name", trt_type))
+    if name not in NUMPY_TYPES:
+        raise ModelLoadError(f"{what} has TensorRT type {name}, which numpy cannot hold; jetagent feeds and "
+                             f"reads {', '.join(sorted(NUMPY_TYPES))} tensors only (export the model with "
+                             "float32 or float16 inputs and outputs)")
+    return np.dtype(NUMPY_TYPES[name])

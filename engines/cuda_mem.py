@@ -265,7 +265,8 @@ def _probe_import(kind: str) -> str | None:
 
             import_cudart()
     except BackendUnavailable as exc:
-        return str(exc).split(". ")[0]
+        cause = exc.__cause__
+        return str(cause) if cause is not None else str(exc).split(". ")[0]
     return None
 
 
@@ -308,7 +309,7 @@ def choose_implementation(implementation: str | None = None) -> str:
         error = _probe_import(candidate)
         if error is None:
             return candidate
-        reasons.append(error)
+        reasons.append(f"{candidate}: {error}")
     raise BackendUnavailable(f"neither cuda-python nor pycuda is importable here ({'; '.join(reasons)}). "
                              f"{PYCUDA_HINT}")
 

@@ -52,7 +52,7 @@ def import_cudart() -> Any:
             return importlib.import_module(name)
         except ImportError as exc:
             reason = reason or exc
-    raise BackendUnavailable(f"cuda-python is not importable here ({reason}). {PYCUDA_HINT}")
+    raise BackendUnavailable(f"cuda-python is not importable here ({reason}). {PYCUDA_HINT}") from reason
 
 
 class CudaPythonMemory:

@@ -489,3 +489,14 @@ def install_cudart(sys_modules: Any, gpu: FakeGpu, devices: int = 1) -> types.Mo
     for name, module in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", rt)):
         setter(name, module)
     return rt
+
+
+_PROCESS_GPU: FakeGpu | None = None
+
+
+def process_gpu() -> FakeGpu:
+    """One FakeGpu per process, shared by stand-ins installed through tests/standin_site."""
+    global _PROCESS_GPU
+    if _PROCESS_GPU is None:
+        _PROCESS_GPU = FakeGpu()
+    return _PROCESS_GPU

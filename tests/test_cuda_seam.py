@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cuda_standins
 import numpy as np
 import pytest
-import trt_models
 
+import cuda_standins
+import trt_models
 import trt_standins
 from engines import cuda_mem
 from engines.base import BackendOptions

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import trt_models
 
+import trt_models
 import trt_standins
 from engines import tensorrt, trt_build
 from engines.base import BackendOptions

@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from cuda_standins import FakeGpu, StandinMemory, install_cudart, install_pycuda, make_pycuda_driver
 
+from cuda_standins import FakeGpu, StandinMemory, install_cudart, install_pycuda, make_pycuda_driver
 from engines.trt_api import API, ENUMS, family_of
 
 __all__ = ["FakeGpu", "StandinMemory", "install_cudart", "install_pycuda", "make_pycuda_driver",

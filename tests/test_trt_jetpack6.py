@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from onnx import TensorProto
 
 import trt_models
 import trt_standins
@@ -215,10 +216,12 @@ def test_dla_calibrates_only_with_the_entropy_calibrator(process: NewProcess, tm
 
 # ---- tensors numpy cannot hold, and host-located tensors ------------------------------------------------
 
-def test_bf16_tensors_are_refused_by_name(process: NewProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("onnx_type", "trt_name"), [(TensorProto.BFLOAT16, "BF16"), (TensorProto.FLOAT8E4M3FN, "FP8")])
+def test_tensors_numpy_cannot_hold_are_refused_by_name(onnx_type: int, trt_name: str, process: NewProcess,
+                                                       tmp_path: Path) -> None:
     process()
-    build_engine(trt_models.bf16_output(tmp_path / "b.onnx"), tmp_path / "b.plan", req())
-    with pytest.raises(ModelLoadError, match=r"output 'y' has TensorRT type BF16, which numpy cannot hold"):
+    build_engine(trt_models.cast_output(tmp_path / "b.onnx", onnx_type), tmp_path / "b.plan", req())
+    with pytest.raises(ModelLoadError, match=rf"output 'y' has TensorRT type {trt_name}, which numpy cannot hold"):
         tensorrt.open_tensorrt(tmp_path / "b.plan", BackendOptions())
 
 

@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def save(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any], path: Path,
-         check: bool = True) -> Path:
+         check: bool = True, opset: int = 13) -> Path:
     graph = helper.make_graph(nodes, path.stem, inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     if check:
         onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -41,11 +41,11 @@ def with_plugin(path: Path) -> Path:
                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], [], path, check=False)
 
 
-def bf16_output(path: Path) -> Path:
-    """y = bfloat16(x): an output numpy has no type for."""
-    return save([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16)],
+def cast_output(path: Path, to: int = TensorProto.BFLOAT16) -> Path:
+    """y = cast(x, to): with BFLOAT16 or FLOAT8E4M3FN, an output numpy has no type for."""
+    return save([helper.make_node("Cast", ["x"], ["y"], to=to)],
                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-                [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [1, 3, 4, 4])], [], path)
+                [helper.make_tensor_value_info("y", to, [1, 3, 4, 4])], [], path, opset=19)
 
 
 def shape_output(path: Path) -> Path:

@@ -14,6 +14,9 @@ This is the only module that knows TensorRT's version differences. It holds:
   installed module and on the ONNX itself (`inspect_onnx`: Q/DQ nodes? float16 tensors?),
   and a request that cannot be met raises `PrecisionUnavailable` saying why.
 
+It is a little over 400 lines because the table is data (one row group per API family);
+keeping every version difference in one file is the point of the module.
+
 Sources for the table (read, not run: no GPU here):
   [bind-X]  NVIDIA/TensorRT python/src/infer/pyCore.cpp, pyInt8.cpp, pyOnnx.cpp and
             python/packaging/.../__init__.py at tags 8.5.3, v8.6.1, v10.3.0, v11.1.
@@ -306,16 +309,26 @@ class OnnxKinds:
     has_fp16: bool
 
 
-def inspect_onnx(path: Path) -> OnnxKinds | None:
-    """Look for Q/DQ nodes and float16 tensors. None when the onnx package is missing."""
+def load_onnx(path: Path) -> Any | None:
+    """The ONNX ModelProto (no external data), None when the onnx package is missing;
+    ModelLoadError when the file is not a readable ONNX model."""
     try:
         import onnx
     except ImportError:
         return None
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends
         raise ModelLoadError(f"{path}: not a readable ONNX model: {exc}") from exc
+
+
+def inspect_onnx(path: Path) -> OnnxKinds | None:
+    """Look for Q/DQ nodes and float16 tensors. None when the onnx package is missing."""
+    model = load_onnx(path)
+    if model is None:
+        return None
+    import onnx
+
     graph, fp16 = model.graph, onnx.TensorProto.FLOAT16
     ops = {node.op_type for node in graph.node}
     typed = [*graph.input, *graph.output, *graph.value_info]

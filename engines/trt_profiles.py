@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engines.errors import JetagentError
@@ -150,16 +151,13 @@ def fixed_profile(network_inputs: Mapping[str, Shape], shapes: Mapping[str, Sequ
 def onnx_input_shapes(path: Any) -> dict[str, Shape] | None:
     """The graph inputs of an ONNX file (initializers excluded), -1 for dynamic dimensions.
 
-    None when the onnx package is missing; JetagentError when the file is not ONNX.
+    None when the onnx package is missing; ModelLoadError when the file is not ONNX.
     """
-    try:
-        import onnx
-    except ImportError:
+    from engines.trt_api import load_onnx
+
+    model = load_onnx(Path(path))
+    if model is None:
         return None
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and friends
-        raise ProfileError(f"{path}: not a readable ONNX model: {exc}") from exc
     initializers = {init.name for init in model.graph.initializer}
     out: dict[str, Shape] = {}
     for value in model.graph.input:

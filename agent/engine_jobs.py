@@ -97,7 +97,11 @@ class StartupEngines:
             if job.runner is not None:  # ready in time (a cached engine): it serves from the first frame
                 runner, job.runner = job.runner, None
                 return runner
-        interim = open_interim()
+        try:
+            interim = open_interim()
+        except BaseException:
+            job.cancel.set()  # nothing will take the engine: the job closes it when done
+            raise
         with job.lock:
             if job.runner is not None:  # finished while the interim model was opening
                 interim.close()

@@ -37,8 +37,6 @@ from agent.config import Config, FleetConfig
 from engines.errors import JetagentError
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("ok", "warn", "fail", "skip")
 EARLIEST_SANE = 1735689600  # 2025-01-01: a clock before this cannot validate any certificate we use
 MIN_FREE_FAIL = 512 << 20
 MIN_FREE_WARN = 2 << 30

@@ -28,6 +28,8 @@ the real library enforces and the code must respect are enforced here:
   addresses and device-located ones device addresses; all must be set before execution;
 * BF16/FP8/INT4 have no numpy type (nptype raises a bare TypeError, as the real one);
 * plans only load in the TensorRT version that built them.
+
+(Longer than our ~400-line modules: it simulates a library, one class per TensorRT class.)
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Every figure is measured against a baseline in the same run: the full camera
 pipeline (decode on the grabber thread, preprocess, infer, postprocess) is
 timed next to a raw backend loop over the same frames, preprocessed in
 advance. Rounds alternate so a noisy neighbour hurts both sides alike.
+
+This is the run with a card (beside the model, `--card`, or derived from the model when
+that is unambiguous). Without one, `agent.bench_raw` runs the backend alone on generated
+inputs; `format_table` prints both.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ from agent.camera.sources import open_reader, parse_source, set_opencv_threads
 from agent.camera.stats import Histogram
 from engines.base import BackendOptions
 from engines.errors import JetagentError
+from engines.modelcard import ModelCard
+from engines.modelcheck import check_model
 from engines.runner import ModelRunner, open_model
 
 
 @dataclass
 class BenchOptions:
     model: Path
-    card: Path | None = None
+    card: Path | ModelCard | None = None  # a ModelCard: derived from the model (card_note says so)
+    card_note: str | None = None
     backend: str = "onnxruntime"
     precision: str = "fp32"
     threads: int = 0
@@ -124,6 +131,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         threads=opts.threads, graph_optimization=opts.graph_optimization, precision=opts.precision))
     load_s = time.perf_counter() - t0
     try:
+        checked = check_model(runner)  # the card's size and outputs fit the model, or one clear error
         frames = read_frames(opts.video, opts.frames) if opts.video else synthetic_frames(opts.frames)
         tensors = [runner.preprocess(f)[0] for f in frames]
         for i in range(opts.warmup):
@@ -139,6 +147,12 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             "model": str(opts.model),
             "model_name": runner.card.name,
             "sha256": runner.sha256,
+            "mode": "card",
+            "card": {"path": None if isinstance(opts.card, ModelCard) else str(opts.card or
+                                                                             Path(opts.model).with_suffix(".json")),
+                     "derived": isinstance(opts.card, ModelCard), "note": opts.card_note,
+                     "input": f"{runner.card.input.name} {runner.card.input.width}x{runner.card.input.height}",
+                     "kind": runner.card.kind, "check": checked.line()},
             "backend": runner.backend.describe(),
             "precision": runner.precision,
             "threads": opts.threads,
@@ -162,13 +176,19 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     be = report["backend"]
     threads = report["threads"] or "default"
+    build = f"  build {report['build_s']:.1f} s" if "build_s" in report else ""
     lines = [
         f"jetagent bench  {report['model_name']}  ({report['model']}, sha256 {report['sha256'][:12]})",
         f"backend {be.get('backend')} {be.get('version')} {','.join(be.get('providers', []))}  "
-        f"precision {report['precision']}  threads {threads}  load {report['load_s']:.2f} s",
-        "",
-        f"{'':22}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'FPS':>9}",
+        f"precision {report['precision']}  threads {threads}{build}  load {report['load_s']:.2f} s",
     ]
+    if report.get("mode") == "raw":
+        lines.append("no card: the backend alone on generated inputs " + ", ".join(
+            f"{n} {'x'.join(map(str, i['shape']))} {i['dtype']}" for n, i in report["inputs"].items()))
+        lines += [f"note: {n}" for n in report.get("notes", [])]
+    elif report.get("card", {}).get("note"):
+        lines.append(f"note: {report['card']['note']}")
+    lines += ["", f"{'':22}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'FPS':>9}"]
     r = report["raw"]
     lat = r["latency_ms"]
     lines.append(f"{'raw backend loop':22}{lat['p50']:9.2f}{lat['p90']:9.2f}{lat['p99']:9.2f}{r['fps']:9.1f}")
@@ -182,6 +202,11 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{s} {v['p50']:.2f}/{v['p99']:.2f}" for s, v in st.items() if s != "total"))
         lines.append(f"pipeline / raw throughput: {report['pipeline_over_raw']:.3f}  "
                      f"(video {report['video']}, {report['frame_size'][0]}x{report['frame_size'][1]})")
+    elif report.get("mode") == "raw":
+        t = report["throughput"]
+        if t["batch"] > 1:
+            lines.append(f"throughput {t['samples_per_s']:.1f} samples/s (batch {t['batch']})")
+        lines.append("(no card: give one, or `jetagent card init`, and --video for the full pipeline)")
     else:
         lines.append("(no --video: raw loop on synthetic frames only; give --video for the pipeline)")
     lines.append(f"peak RSS {report['peak_rss_mb']:.0f} MB; {report['rounds']} alternating rounds, "
@@ -196,7 +221,7 @@ class PrecisionBenchOptions:
     model: Path
     calib_video: str
     precisions: tuple[str, ...] = ("fp32", "int8")
-    card: Path | None = None
+    card: Path | ModelCard | None = None
     backend: str = "onnxruntime"
     threads: int = 0
     graph_optimization: str = "all"
@@ -223,7 +248,7 @@ def run_precision_bench(opts: PrecisionBenchOptions) -> dict[str, Any]:
     from calibration.gate import GateBound
     from engines.modelcard import card_path_for, load_card
 
-    card = load_card(opts.card or card_path_for(opts.model))
+    card = opts.card if isinstance(opts.card, ModelCard) else load_card(opts.card or card_path_for(opts.model))
     dataset = set_from_video(card.input, opts.calib_video, calibration=opts.calibration_frames,
                              holdout=opts.holdout_frames, split=opts.split)
     asked = "int8" if "int8" in opts.precisions else "fp16" if "fp16" in opts.precisions else "fp32"

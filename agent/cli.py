@@ -76,16 +76,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """With a card (beside the model, --card, or derived from the model when unambiguous): the
+    raw loop and, with --video, the full pipeline. Without one (or --raw, or --shapes): the
+    backend alone on generated inputs of the model's own shapes."""
     from agent.bench import BenchOptions, format_table, run_bench
+    from engines.modelcard import card_path_for
 
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
     for p in precisions:
         if p not in PRECISIONS:
             raise JetagentError(f"--precision: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    model = Path(args.model)
+    has_card = args.card is not None or card_path_for(model).exists()
+    if args.raw or args.shapes is not None or (not has_card and not args.video and not args.calib_video
+                                               and precisions == ["fp32"]):
+        if args.video or args.calib_video or precisions != ["fp32"]:
+            raise JetagentError("--raw/--shapes run the backend alone on generated inputs; --video, --calib-video "
+                                "and --precision other than fp32 need a card")
+        return _bench_raw(args, has_card)
+    card, note = _bench_card(model, args.card)
+    if note:
+        print(f"jetagent: note: {note}", file=sys.stderr)
     if precisions != ["fp32"] or args.calib_video:
-        return _bench_precisions(args, precisions)
+        return _bench_precisions(args, precisions, card)
     opts = BenchOptions(
-        model=Path(args.model), card=Path(args.card) if args.card else None, backend=args.backend,
+        model=model, card=card, card_note=note, backend=args.backend,
         precision="fp32", threads=args.threads, graph_optimization=args.graph_optimization,
         video=args.video, duration_s=args.duration, warmup=args.warmup, rounds=args.rounds,
         opencv_threads=args.opencv_threads,
@@ -98,7 +113,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_precisions(args: argparse.Namespace, precisions: list[str]) -> int:
+def _bench_card(model: Path, card_arg: str | None) -> tuple[Any, str | None]:
+    """--card, the card beside the model, or the card derived from the model (when certain)."""
+    from engines.cardinit import card_for
+
+    if card_arg is not None:
+        return Path(card_arg), None
+    if not model.is_file():
+        raise JetagentError(f"model file not found: {model}")
+    card, note = card_for(model)
+    return (card if note else None), note
+
+
+def _bench_raw(args: argparse.Namespace, has_card: bool) -> int:
+    from agent.bench import format_table
+    from agent.bench_raw import RawBenchOptions, run_raw_bench
+
+    opts = RawBenchOptions(model=Path(args.model), backend=args.backend, shapes=args.shapes, threads=args.threads,
+                           graph_optimization=args.graph_optimization, duration_s=args.duration,
+                           warmup=args.warmup, rounds=args.rounds)
+    if has_card:
+        opts.notes.append("the model's card is not used (--raw/--shapes)")
+    report = run_raw_bench(opts)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def _bench_precisions(args: argparse.Namespace, precisions: list[str], card: Any) -> int:
     """FP32 vs each INT8 (and FP16) candidate: calibrated on one part of --calib-video, gated and
     timed on the other, as a deployment would; and which candidate the gate would serve."""
     from agent.bench import PrecisionBenchOptions, format_precision_table, run_precision_bench
@@ -110,7 +151,7 @@ def _bench_precisions(args: argparse.Namespace, precisions: list[str]) -> int:
         raise JetagentError("--calib-split must be between 0 and 1")
     report = run_precision_bench(PrecisionBenchOptions(
         model=Path(args.model), calib_video=args.calib_video, precisions=tuple(dict.fromkeys(["fp32", *precisions])),
-        card=Path(args.card) if args.card else None, backend=args.backend, threads=args.threads,
+        card=card, backend=args.backend, threads=args.threads,
         graph_optimization=args.graph_optimization, calibration_frames=args.calib_frames,
         holdout_frames=args.holdout_frames, split=args.calib_split, rounds=max(args.rounds, 3), warmup=args.warmup,
         minimum=args.min_accuracy, cache_dir=Path(args.cache_dir) if args.cache_dir else None))
@@ -168,6 +209,47 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         lines.append(f"camera {cam.name}: {dataset.size[0]} calibration + {dataset.size[1]} held-out frames "
                      f"-> {path} (sha256 {dataset.content_hash[:12]})")
     print(json.dumps(results, indent=2) if args.json else "\n".join(lines))
+    return 0
+
+
+def cmd_card_init(args: argparse.Namespace) -> int:
+    """Derive a card from the model, check it with one real inference, write it, and print every
+    value with why (lines marked ? are guesses to check)."""
+    from engines.base import open_backend
+    from engines.cardinit import derive_card, parse_size, summarize
+    from engines.modelcard import card_path_for, parse_card
+    from engines.modelcheck import check_model
+    from engines.runner import ModelRunner
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise JetagentError(f"model file not found: {model}")
+    out = Path(args.out) if args.out and args.out != "-" else card_path_for(model) if not args.out else None
+    if out is not None and out.exists() and not args.force:
+        raise JetagentError(f"{out} exists; --force to overwrite it, or --out elsewhere")
+    derivation = derive_card(model, size=parse_size(args.size) if args.size else None, name=args.name)
+    base = out.parent if out is not None else model.parent
+    info = sys.stderr if out is None else sys.stdout
+    print(f"card for {model.name}: {summarize(derivation.guesses)}", file=info)
+    for line in derivation.lines():
+        print(line, file=info)
+    card = parse_card(derivation.card, base_dir=model.parent, where="derived card")
+    runner = ModelRunner(card, open_backend("onnxruntime", model), path=str(model))
+    try:
+        checked = check_model(runner, derivation.facts)
+    finally:
+        runner.close()
+    print(f"checked: {checked.line()}", file=info)
+    text = json.dumps(derivation.card, indent=2) + "\n"
+    if out is None:
+        print(text, end="")
+        return 0
+    if base.resolve() != model.parent.resolve() and card.kind == "ssd":
+        print(f"note: the card names {card.option('anchors')} relative to itself; copy it beside {out}", file=info)
+    from engines.fileio import atomic_write_bytes
+
+    atomic_write_bytes(out, text.encode())
+    print(f"wrote {out}", file=info)
     return 0
 
 
@@ -241,9 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
     run.set_defaults(func=cmd_run)
 
-    bench = sub.add_parser("bench", help="benchmark a model: raw backend loop vs full pipeline")
-    bench.add_argument("model", help="ONNX model file (its card <model>.json beside it)")
-    bench.add_argument("--card", help="model card JSON (default: <model>.json)")
+    bench = sub.add_parser("bench", help="benchmark a model: raw backend loop vs full pipeline (no card: the "
+                           "backend alone on generated inputs)")
+    bench.add_argument("model", help="ONNX model file (its card <model>.json beside it, if it has one)")
+    bench.add_argument("--card", help="model card JSON (default: <model>.json; none: generated inputs, or with "
+                       "--video the card derived from the model when that is unambiguous)")
+    bench.add_argument("--shapes", help="input shapes for the backend alone on generated inputs, trtexec's "
+                       "spelling: name:1x3x640x640[,name2:...] (needed for dynamic dims)")
+    bench.add_argument("--raw", action="store_true", help="the backend alone on generated inputs, even with a card")
     bench.add_argument("--backend", choices=backend_names(), default="onnxruntime")
     bench.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16,int8")
     bench.add_argument("--video", help="video file for the pipeline run (and the frames of the raw loop)")
@@ -263,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--min-accuracy", type=float, default=0.95, help="the gate's bound (default 0.95)")
     bench.add_argument("--cache-dir", help="keep quantized models/engines here between runs (default: none)")
     bench.set_defaults(func=cmd_bench)
+
+    card = sub.add_parser("card", help="model cards: derive one from the model")
+    card_sub = card.add_subparsers(dest="card_command", required=True)
+    init = card_sub.add_parser("init", help="write a card derived from the model itself, every guess with why")
+    init.add_argument("model", help="ONNX model file")
+    init.add_argument("--out", help="where to write the card (default <model>.json; - prints it)")
+    init.add_argument("--size", help="input WIDTHxHEIGHT for a model with dynamic H/W (default: its metadata)")
+    init.add_argument("--name", help="the card's name (default: the file's stem)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing card")
+    init.set_defaults(func=cmd_card_init)
 
     calibrate = sub.add_parser("calibrate", help="collect a calibration set from the configured camera(s)")
     calibrate.add_argument("--config", required=True, help="TOML config file")

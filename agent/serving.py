@@ -62,10 +62,21 @@ def needs_engine(config: Config, model: str | Path) -> bool:
 
 
 def open_camera_model(config: Config, cam: CameraConfig) -> ModelRunner:
-    """The model the config names for a camera (its bootstrap model), at FP32. An ONNX model with
-    backend = "tensorrt" opens on ONNX Runtime here: the engine is built from it by `Serving`."""
+    """The model the config names for a camera (its bootstrap model), at FP32, checked with one
+    real inference on a generated frame (engines.modelcheck): a card whose size the model
+    cannot run (a stride-32 model at 300x300) fails here, at --check-config and start-up,
+    not on every camera frame. An ONNX model with backend = "tensorrt" opens on ONNX Runtime
+    here: the engine is built from it by `Serving` (agent.engine_jobs)."""
+    from engines.modelcheck import check_model
+
     backend = "onnxruntime" if needs_engine(config, cam.model) else config.backend.name
-    return open_model(cam.model, card=cam.card, backend=backend, options=backend_options(config, "fp32"))
+    runner = open_model(cam.model, card=cam.card, backend=backend, options=backend_options(config, "fp32"))
+    try:
+        check_model(runner)
+    except JetagentError as exc:
+        runner.close()
+        raise JetagentError(f"camera {cam.name}: {exc}") from None
+    return runner
 
 
 def apply_cuda_choice(choice: str) -> None:

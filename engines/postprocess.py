@@ -3,6 +3,11 @@
 Whatever runtime ran the model, the camera loop, the reports and the accuracy
 gate see a `Result`: class ids and scores, and boxes in frame pixels for
 detectors. Swapping TensorRT INT8 for ONNX Runtime never touches them.
+
+Kinds (`postprocess.kind`, keys and defaults in engines/cardspec.py): classification,
+ssd, yolo (v5/v8 heads, NMS here), yolo_end2end (NMS inside the model: Ultralytics
+nms=True, YOLOv10), efficient_nms (TensorRT EfficientNMS-style outputs), raw. Each gives
+`groups()` for engines.sanity and `classes()` for the labels check.
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ class Postprocessor(Protocol):
         """The outputs as named channel groups for `engines.sanity`: box channels and
         (activated) score channels apart, so neither can hide the other."""
 
+    def classes(self, outputs: Mapping[str, np.ndarray]) -> int | None:
+        """How many classes these outputs carry, where the layout says (checked against the labels)."""
+
 
 def _empty_detections() -> Result:
     return Result(np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros((0, 4), np.float32))
@@ -128,21 +136,20 @@ class _Base:
 
     def __init__(self, card: ModelCard) -> None:
         self.card = card
-        self.cfg = card.postprocess
         self.where = f"model card {card.name!r}: postprocess"
 
-    def opt(self, key: str, default: Any) -> Any:
-        return self.cfg.get(key, default)
-
-    def need(self, key: str) -> Any:
-        if key not in self.cfg:
-            raise ModelCardError(f"{self.where}: {key}: missing")
-        return self.cfg[key]
+    def opt(self, key: str) -> Any:
+        """A postprocess key's value or its default (engines.cardspec); parse_card checked it."""
+        return self.card.option(key)
 
     def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Default: each output the post-processor reads (or every output) is one group."""
         names = self.output_names or tuple(outputs)
         return {n: np.asarray(outputs[n]) for n in names if n in outputs}
+
+    def classes(self, outputs: Mapping[str, np.ndarray]) -> int | None:
+        """How many classes these outputs carry (None: the layout does not say)."""
+        return None
 
     def fetch(self, outputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
         try:
@@ -178,10 +185,10 @@ class ClassificationPost(_Base):
 
     def __init__(self, card: ModelCard) -> None:
         super().__init__(card)
-        self.output = str(self.opt("output", ""))
+        self.output = str(self.opt("output"))
         self.output_names = (self.output,) if self.output else ()
-        self.top_k = int(self.opt("top_k", 5))
-        self.activation = str(self.opt("score_activation", "softmax"))
+        self.top_k = int(self.opt("top_k"))
+        self.activation = str(self.opt("score_activation"))
 
     def _probabilities(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         arr = self.fetch(outputs, self.output) if self.output else next(iter(outputs.values()))
@@ -190,6 +197,9 @@ class ClassificationPost(_Base):
 
     def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"scores": self._probabilities(outputs)}
+
+    def classes(self, outputs: Mapping[str, np.ndarray]) -> int | None:
+        return int(self._probabilities(outputs).shape[0])
 
     def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
         probs = self._probabilities(outputs)
@@ -208,20 +218,19 @@ class SSDPost(_Base):
 
     def __init__(self, card: ModelCard) -> None:
         super().__init__(card)
-        self.boxes_name = str(self.need("boxes"))
-        self.scores_name = str(self.need("scores"))
+        self.boxes_name = str(self.opt("boxes"))
+        self.scores_name = str(self.opt("scores"))
         self.output_names = (self.boxes_name, self.scores_name)
-        anchors = load_array(self.need("anchors"), card.base_dir, f"{self.where}: anchors")
+        anchors = load_array(self.opt("anchors"), card.base_dir, f"{self.where}: anchors")
         if anchors.ndim != 2 or anchors.shape[1] != 4:
             raise ModelCardError(f"{self.where}: anchors: expected shape (A,4), got {anchors.shape}")
         self.anchors = anchors
-        scales = self.opt("box_scales", [10.0, 10.0, 5.0, 5.0])
-        self.scales = np.asarray(scales, dtype=np.float32)
-        self.activation = str(self.opt("score_activation", "sigmoid"))
-        self.background = bool(self.opt("background_class", True))
-        self.score_threshold = float(self.opt("score_threshold", 0.5))
-        self.iou_threshold = float(self.opt("iou_threshold", 0.6))
-        self.max_detections = int(self.opt("max_detections", 100))
+        self.scales = np.asarray(self.opt("box_scales"), dtype=np.float32)
+        self.activation = str(self.opt("score_activation"))
+        self.background = bool(self.opt("background_class"))
+        self.score_threshold = float(self.opt("score_threshold"))
+        self.iou_threshold = float(self.opt("iou_threshold"))
+        self.max_detections = int(self.opt("max_detections"))
         t = min(max(self.score_threshold, 1e-12), 1 - 1e-7)
         self._logit_threshold = float(np.log(t / (1 - t)))
 
@@ -230,6 +239,11 @@ class SSDPost(_Base):
         logits = np.asarray(self.fetch(outputs, self.scores_name), dtype=np.float32).reshape(enc.shape[0], -1)
         scores = _activate(logits, self.activation)
         return {"box_encodings": enc, "scores": scores[:, 1:] if self.background else scores}
+
+    def classes(self, outputs: Mapping[str, np.ndarray]) -> int | None:
+        enc = np.asarray(self.fetch(outputs, self.boxes_name)).reshape(-1, 4)
+        columns = int(np.asarray(self.fetch(outputs, self.scores_name)).size // max(enc.shape[0], 1))
+        return columns - 1 if self.background else columns
 
     def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
         enc = np.asarray(self.fetch(outputs, self.boxes_name), dtype=np.float32).reshape(-1, 4)
@@ -277,14 +291,12 @@ class YoloPost(_Base):
 
     def __init__(self, card: ModelCard) -> None:
         super().__init__(card)
-        self.version = str(self.opt("version", "v8"))
-        if self.version not in ("v5", "v8"):
-            raise ModelCardError(f"{self.where}: version: must be v5 or v8, not {self.version!r}")
-        self.output = str(self.need("output"))
+        self.version = str(self.opt("version"))
+        self.output = str(self.opt("output"))
         self.output_names = (self.output,)
-        self.score_threshold = float(self.opt("score_threshold", 0.25))
-        self.iou_threshold = float(self.opt("iou_threshold", 0.45))
-        self.max_detections = int(self.opt("max_detections", 100))
+        self.score_threshold = float(self.opt("score_threshold"))
+        self.iou_threshold = float(self.opt("iou_threshold"))
+        self.max_detections = int(self.opt("max_detections"))
         self.num_classes = len(card.labels) or None
 
     def _rows(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -292,12 +304,16 @@ class YoloPost(_Base):
         out = np.asarray(self.fetch(outputs, self.output), dtype=np.float32)
         if out.ndim == 3:
             out = out[0]
-        if self.version == "v8":
+        if out.ndim == 2 and self.version == "v8":
             # (4+C, N) -> (N, 4+C); exporters emit it channel-first.
             if self.num_classes is not None and out.shape[0] == 4 + self.num_classes:
                 out = out.T
             elif out.shape[0] < out.shape[1]:
                 out = out.T
+        if out.ndim != 2 or out.shape[1] < (5 if self.version == "v8" else 6):
+            shape = list(np.shape(outputs[self.output]))
+            raise ModelMismatch(f"{self.where}: output {self.output!r} has shape {shape}; "
+                                f"a YOLO{self.version} head is (1, {'4+C, N' if self.version == 'v8' else 'N, 5+C'})")
         return out
 
     def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -311,6 +327,9 @@ class YoloPost(_Base):
         scoring = cls.max(axis=1) >= self.score_threshold if cls.size else np.zeros(0, bool)
         g["detected_boxes_xywh"] = out[scoring, :4]
         return g
+
+    def classes(self, outputs: Mapping[str, np.ndarray]) -> int | None:
+        return int(self._rows(outputs).shape[1]) - (4 if self.version == "v8" else 5)
 
     def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
         out = self._rows(outputs)
@@ -332,6 +351,108 @@ class YoloPost(_Base):
                       transform.to_frame(boxes[keep]))
 
 
+def _xywh(boxes_xyxy: np.ndarray) -> np.ndarray:
+    out = np.empty_like(boxes_xyxy)
+    out[:, 0:2] = (boxes_xyxy[:, 0:2] + boxes_xyxy[:, 2:4]) / 2
+    out[:, 2:4] = boxes_xyxy[:, 2:4] - boxes_xyxy[:, 0:2]
+    return out
+
+
+def _xyxy(boxes_xywh: np.ndarray) -> np.ndarray:
+    out = np.empty_like(boxes_xywh)
+    out[:, 0:2] = boxes_xywh[:, 0:2] - boxes_xywh[:, 2:4] / 2
+    out[:, 2:4] = boxes_xywh[:, 0:2] + boxes_xywh[:, 2:4] / 2
+    return out
+
+
+def _best(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, threshold: float, limit: int,
+          transform: FrameTransform) -> Result:
+    """Detections already suppressed by the model: threshold, best first, at most `limit`."""
+    keep = np.nonzero((scores >= threshold) & (scores > 0))[0]
+    keep = keep[np.argsort(-scores[keep], kind="stable")][:limit]
+    if keep.size == 0:
+        return _empty_detections()
+    return Result(class_ids[keep].astype(np.int32), scores[keep].astype(np.float32),
+                  transform.to_frame(boxes[keep].astype(np.float32)))
+
+
+class YoloEnd2EndPost(_Base):
+    """Heads with NMS inside the model (Ultralytics nms=True, YOLOv10, YOLO26): (1, K, 6+) rows of
+    box, score, class id in input pixels; rows past the last detection are zero."""
+
+    def __init__(self, card: ModelCard) -> None:
+        super().__init__(card)
+        self.output = str(self.opt("output"))
+        self.output_names = (self.output,)
+        self.box_format = str(self.opt("box_format"))
+        self.score_threshold = float(self.opt("score_threshold"))
+        self.max_detections = int(self.opt("max_detections"))
+
+    def _rows(self, outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes as x1,y1,x2,y2, the rows) for the first image."""
+        raw = np.asarray(self.fetch(outputs, self.output))
+        out = raw[0] if raw.ndim == 3 else raw
+        if out.ndim != 2 or out.shape[1] < 6:
+            raise ModelMismatch(f"{self.where}: output {self.output!r} has shape {list(raw.shape)}; "
+                                "yolo_end2end reads (1, K, 6+) rows of box, score, class id")
+        out = out.astype(np.float32, copy=False)
+        boxes = out[:, :4] if self.box_format == "xyxy" else _xyxy(out[:, :4])
+        return boxes, out
+
+    def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        boxes, out = self._rows(outputs)
+        scoring = out[:, 4] >= max(self.score_threshold, 1e-12)
+        return {"boxes": boxes, "detection_scores": out[:, 4], "detected_boxes_xywh": _xywh(boxes[scoring])}
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+        boxes, out = self._rows(outputs)
+        return _best(boxes, out[:, 4], np.rint(out[:, 5]), self.score_threshold, self.max_detections, transform)
+
+
+class EfficientNMSPost(_Base):
+    """TensorRT EfficientNMS-style outputs: num_detections (1,1), boxes (1,K,4) as corners,
+    scores (1,K), classes (1,K); only the first num_detections rows are valid."""
+
+    def __init__(self, card: ModelCard) -> None:
+        super().__init__(card)
+        self.names = {k: str(self.opt(k)) for k in ("num_detections", "boxes", "scores", "classes")}
+        self.output_names = tuple(self.names.values())
+        self.box_format = str(self.opt("box_format"))
+        self.normalized = bool(self.opt("normalized"))
+        self.score_threshold = float(self.opt("score_threshold"))
+        self.max_detections = int(self.opt("max_detections"))
+
+    def _valid(self, outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(boxes x1,y1,x2,y2 in input pixels, scores, class ids) of the valid rows."""
+        num = np.asarray(self.fetch(outputs, self.names["num_detections"])).reshape(-1)
+        raw_boxes = np.asarray(self.fetch(outputs, self.names["boxes"]))
+        if raw_boxes.shape[-1:] != (4,) or num.size < 1:
+            raise ModelMismatch(f"{self.where}: outputs {self.names['num_detections']!r} {list(num.shape)} and "
+                                f"{self.names['boxes']!r} {list(raw_boxes.shape)} are not (1, 1) and (1, K, 4)")
+        boxes = raw_boxes.reshape(-1, 4).astype(np.float32)
+        scores = np.asarray(self.fetch(outputs, self.names["scores"]), dtype=np.float32).reshape(-1)
+        classes = np.asarray(self.fetch(outputs, self.names["classes"])).reshape(-1)
+        if not scores.shape[0] == classes.shape[0] == boxes.shape[0]:
+            raise ModelMismatch(f"{self.where}: boxes, scores and classes disagree on K "
+                                f"({boxes.shape[0]}, {scores.shape[0]}, {classes.shape[0]})")
+        n = int(min(max(int(num[0]), 0), boxes.shape[0]))
+        boxes, scores, classes = boxes[:n], scores[:n], classes[:n]
+        if self.box_format == "yxyx":
+            boxes = boxes[:, [1, 0, 3, 2]]
+        if self.normalized:
+            iw, ih = self.card.input.width, self.card.input.height
+            boxes = boxes * np.array([iw, ih, iw, ih], np.float32)
+        return boxes, scores, np.rint(classes.astype(np.float32))
+
+    def groups(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        boxes, scores, _ = self._valid(outputs)
+        return {"boxes": boxes, "detection_scores": scores, "detected_boxes_xywh": _xywh(boxes)}
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], transform: FrameTransform) -> Result:
+        boxes, scores, classes = self._valid(outputs)
+        return _best(boxes, scores, classes, self.score_threshold, self.max_detections, transform)
+
+
 class RawPost(_Base):
     """No decoding: the result is empty; the raw outputs are what the caller keeps."""
 
@@ -343,17 +464,18 @@ POSTPROCESSORS: dict[str, Callable[[ModelCard], Postprocessor]] = {
     "classification": ClassificationPost,
     "ssd": SSDPost,
     "yolo": YoloPost,
+    "yolo_end2end": YoloEnd2EndPost,
+    "efficient_nms": EfficientNMSPost,
     "raw": RawPost,
 }
 
 
 def make_postprocessor(card: ModelCard) -> Postprocessor:
-    default = "classification" if card.task == "classification" else "raw"
-    kind = str(card.postprocess.get("kind", default))
-    factory = POSTPROCESSORS.get(kind)
-    if factory is None:
+    """The post-processor the card's `postprocess.kind` names (parse_card checked it)."""
+    factory = POSTPROCESSORS.get(card.kind)
+    if factory is None:  # a card built in code, not parsed
         raise ModelCardError(
             f"model card {card.name!r}: postprocess: kind: must be one of "
-            f"{', '.join(POSTPROCESSORS)}, not {kind!r}"
+            f"{', '.join(POSTPROCESSORS)}, not {card.kind!r}"
         )
     return factory(card)

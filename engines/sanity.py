@@ -14,7 +14,9 @@ Checks on their own (`frame_findings`, `OutputStats.findings`):
 * ``shape`` / ``dtype``: an output that does not have the shape or dtype the model declares;
 * ``score_range``: activated scores outside [0, 1];
 * ``box_range``: boxes (in input pixels) far outside the input;
-* ``constant``: a score group whose every value is the same (within a frame, or over frames).
+* ``constant``: a score group whose every value is the same (within a frame, or over frames);
+  not for ``detection_scores``, the scores of a head that did its own NMS (Ultralytics
+  nms=True, EfficientNMS): an empty scene gives the same empty list every frame.
 
 Checks against a reference run of the FP32 model on the same frames (`compare`):
 
@@ -116,7 +118,7 @@ def group_findings(groups: Mapping[str, np.ndarray], input_size: tuple[int, int]
             if lo < -SCORE_TOLERANCE or hi > 1 + SCORE_TOLERANCE:
                 found.append(Finding("score_range", name, f"scores span {lo:.4g}..{hi:.4g}, outside [0, 1] "
                                                           "after activation (wrong score_activation?)"))
-            if finite.size >= 2 and _constant(lo, hi):
+            if finite.size >= 2 and _constant(lo, hi) and not is_post_nms_group(name):
                 found.append(Finding("constant", name, f"all {finite.size} scores are {lo:.4g}"))
         if name.endswith("boxes_xywh") and input_size is not None:
             # Boxes of the candidates that score: centres far outside the input are garbage.
@@ -242,7 +244,7 @@ class OutputStats:
             if g.non_finite:
                 found.append(Finding("non_finite", name, f"{g.non_finite} values over {g.frames} frame(s) "
                                                          "are not finite"))
-            if is_score_group(name) and g.frames >= 2 and not g.varies_over_frames:
+            if is_score_group(name) and not is_post_nms_group(name) and g.frames >= 2 and not g.varies_over_frames:
                 found.append(Finding("constant", name, f"identical on all {g.frames} frames ({g.describe()}): "
                                                        "the model ignores its input"))
         return found
@@ -275,7 +277,12 @@ def compare(reference: OutputStats, candidate: OutputStats) -> list[Finding]:
 def is_score_group(name: str) -> bool:
     """Groups whose values are activated scores (probabilities)."""
     leaf = name.rsplit(":", 1)[-1]
-    return leaf in ("scores", "class_scores", "objectness", "probabilities")
+    return leaf in ("scores", "class_scores", "objectness", "probabilities", "detection_scores")
+
+
+def is_post_nms_group(name: str) -> bool:
+    """Scores of detections a model already suppressed: none at all is a valid answer."""
+    return name.rsplit(":", 1)[-1] == "detection_scores"
 
 
 def _constant(lo: float, hi: float) -> bool:

@@ -203,3 +203,46 @@ def test_the_terminal_display_redraws_in_place() -> None:
     text = out.getvalue()
     assert "42%" in text and "\x1b[3F" in text and "active" in text and "int8" in text
     assert text.count("DEVICE") == 2
+
+
+def test_push_runs_the_model_once_with_its_card_before_publishing(broker: Broker, tmp_path: Path,
+                                                                   keys: tuple[Path, Path]) -> None:
+    """Not only a load: one inference on a generated frame through the card's preprocessing."""
+    from card_models import colour_yolo, efficient_nms_model, hand_card_for_colour_yolo
+    from onnx_models import failing_model
+
+    fails = failing_model(tmp_path / "fails.onnx")  # loads, fits its card, raises at inference
+    yolo = colour_yolo(tmp_path / "yolo.onnx", metadata=False)
+    card = hand_card_for_colour_yolo()
+    card["input"].update(width=300, height=300)  # a stride-32 model at 300x300
+    (tmp_path / "yolo300.json").write_text(json.dumps(card))
+    nms = efficient_nms_model(tmp_path / "nms.onnx")  # no card, and its colour order is only a guess
+    cases = [
+        (push(broker, fails, tmp_path / "repo", keys[0], "--device", "cam-a"),
+         "does not run on the card's 32x32 input"),
+        (push(broker, yolo, tmp_path / "repo", keys[0], "--device", "cam-a", "--card", str(tmp_path / "yolo300.json")),
+         "it runs at 288x288"),
+        (push(broker, nms, tmp_path / "repo", keys[0], "--device", "cam-a"),
+         "the card derived from the model is not certain"),
+    ]
+    for proc, words in cases:
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert words in proc.stderr, proc.stderr
+    assert retained(broker, f"{T.prefix}/#", settle_s=0.3) == {}
+    assert not (tmp_path / "repo" / "manifests").exists() or not list((tmp_path / "repo" / "manifests").iterdir())
+
+
+def test_push_of_a_model_without_a_card_uses_the_derived_one_when_certain(broker: Broker, tmp_path: Path,
+                                                                          keys: tuple[Path, Path]) -> None:
+    from card_models import COLOURS, colour_yolo
+
+    model = colour_yolo(tmp_path / "yolo.onnx")  # Ultralytics metadata: every value read from the model
+    proc = push(broker, model, tmp_path / "repo", keys[0], "--device", "cam-a", "--no-wait")
+    assert proc.returncode == 0, proc.stderr
+    assert "no card beside yolo.onnx: using the card derived from the model (detection, yolo, images 160x160)" \
+        in proc.stderr
+    (_, envelope), = retained(broker, f"{T.prefix}/models/+/manifest").items()
+    m = parse_manifest(verify(envelope, TrustStore.from_files([keys[1]])))
+    assert m.card["postprocess"] == {"kind": "yolo", "version": "v8", "output": "output0"}
+    assert m.card["labels"] == COLOURS and m.card["input"]["resize"] == "letterbox"
+    assert not model.with_suffix(".json").exists()  # nothing written beside the user's model

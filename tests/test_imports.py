@@ -28,7 +28,7 @@ NEEDS_CV2 = {
     "agent.daemon",
     "agent.bench", "calibration.reservoir", "calibration.dataset", "calibration.gate",
     "calibration.candidates", "calibration.deploy", "calibration.ort_target", "calibration.trt_target",
-    "agent.serving",
+    "agent.serving", "engines.modelcheck",
 }
 # paho: the shared MQTT plumbing and the two clients that use it, nothing else.
 PAHO_ALLOWED = {"agent.mqtt", "agent.uplink.link", "agent.jetfleet.client"}

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from engines.errors import ModelMismatch
 from engines.modelcard import ModelCardError, parse_card
 from engines.postprocess import FrameTransform, SSDPost, batched_nms, make_postprocessor, nms
 from engines.runner import open_model
@@ -133,11 +135,10 @@ def test_yolo_v5_multiplies_objectness(tmp_path: Path) -> None:
     assert r.class_ids.tolist() == [0] and r.scores[0] == pytest.approx(0.45)
 
 
-def test_unknown_postprocessor_kind() -> None:
-    card = parse_card({"name": "m", "input": {"name": "x", "width": 8, "height": 8},
-                       "postprocess": {"kind": "segmentation"}})
-    with pytest.raises(ModelCardError, match="kind"):
-        make_postprocessor(card)
+def test_unknown_postprocessor_kind_is_refused_when_the_card_is_read() -> None:
+    with pytest.raises(ModelCardError, match=r"postprocess: kind: must be one of .*not 'segmentation'"):
+        parse_card({"name": "m", "input": {"name": "x", "width": 8, "height": 8},
+                    "postprocess": {"kind": "segmentation"}})
 
 
 def test_inline_anchors_equal_the_file(tmp_path: Path) -> None:
@@ -149,3 +150,94 @@ def test_inline_anchors_equal_the_file(tmp_path: Path) -> None:
     np.testing.assert_array_equal(load_array(inline, tmp_path, "x"), load_array("a.npy", tmp_path, "x"))
     with pytest.raises(ModelCardError, match="bad inline array"):
         load_array({**inline, "shape": [3, 4]}, tmp_path, "x")
+
+
+def _card_for(model: Path, post: dict, resize: str = "letterbox") -> Path:
+    card = {"name": model.stem, "task": "detection",
+            "input": {"name": "images", "width": 64, "height": 64, "resize": resize},
+            "postprocess": post, "labels": ["a", "b", "c"]}
+    path = model.with_suffix(".json")
+    path.write_text(json.dumps(card))
+    return path
+
+
+def test_yolo_end2end_rows_through_a_real_model(tmp_path: Path) -> None:
+    from card_models import end2end_yolo
+
+    model = end2end_yolo(tmp_path / "e2e.onnx")
+    runner = open_model(model, card=_card_for(model, {"kind": "yolo_end2end", "output": "output0"}))
+    try:
+        # 128x64 frame letterboxed into 64x64: scale 0.5, 16 px of padding above and below
+        r = runner.run(np.zeros((64, 128, 3), np.uint8))
+        groups = runner.post.groups(runner.infer(runner.preprocess(np.zeros((64, 64, 3), np.uint8))[0]))
+    finally:
+        runner.close()
+    assert r.class_ids.tolist() == [2, 0] and r.scores.tolist() == pytest.approx([0.9, 0.6])  # 0.1 under 0.25
+    assert r.boxes is not None
+    np.testing.assert_allclose(r.boxes[0], [20, 0, 60, 48], atol=1e-4)  # (10,12,30,40) -> frame, y clipped
+    np.testing.assert_allclose(r.boxes[1], [80, 48, 120, 64], atol=1e-4)
+    assert groups["detection_scores"].shape == (300,) and groups["detected_boxes_xywh"].shape == (2, 4)
+
+
+def test_yolo_end2end_xywh_and_limits() -> None:
+    from card_models import end2end_rows
+
+    card = parse_card({"name": "e", "input": {"name": "x", "width": 64, "height": 64},
+                       "postprocess": {"kind": "yolo_end2end", "output": "o", "box_format": "xywh",
+                                       "score_threshold": 0.05, "max_detections": 2}})
+    rows = end2end_rows()
+    rows[0, 0, :4] = [20, 26, 20, 28]  # the same box as 10,12,30,40 as centre and size
+    r = make_postprocessor(card)({"o": rows}, IDENTITY)
+    assert len(r) == 2 and r.scores.tolist() == pytest.approx([0.9, 0.6])  # best two of three
+    assert r.boxes is not None
+    np.testing.assert_allclose(r.boxes[0], [10, 12, 30, 40])
+    with pytest.raises(ModelMismatch, match=r"has shape \[1, 300, 4\]; yolo_end2end reads"):
+        make_postprocessor(card)({"o": rows[:, :, :4]}, IDENTITY)
+
+
+def test_efficient_nms_reads_only_num_detections_rows(tmp_path: Path) -> None:
+    from card_models import efficient_nms_model
+
+    model = efficient_nms_model(tmp_path / "nms.onnx")
+    post = {"kind": "efficient_nms", "num_detections": "num_dets", "boxes": "det_boxes", "scores": "det_scores",
+            "classes": "det_classes"}
+    runner = open_model(model, card=_card_for(model, post, resize="stretch"))
+    try:
+        r = runner.run(np.zeros((64, 64, 3), np.uint8))
+    finally:
+        runner.close()
+    # row 3 (score 0.99, the whole frame) lies past num_dets = 3 and is never read
+    assert r.class_ids.tolist() == [2, 0, 1] and r.scores.tolist() == pytest.approx([0.9, 0.6, 0.3])
+    assert r.boxes is not None
+    np.testing.assert_allclose(r.boxes, [[10, 12, 30, 40], [40, 40, 60, 60], [1, 1, 9, 9]])
+
+
+def test_efficient_nms_yxyx_normalized_and_threshold() -> None:
+    from card_models import efficient_nms_outputs
+
+    out = efficient_nms_outputs()
+    out["det_boxes"][0, :3] = out["det_boxes"][0, :3][:, [1, 0, 3, 2]] / 64.0  # TF style: y first, fractions
+    card = parse_card({"name": "e", "input": {"name": "x", "width": 64, "height": 64},
+                       "postprocess": {"kind": "efficient_nms", "num_detections": "num_dets", "boxes": "det_boxes",
+                                       "scores": "det_scores", "classes": "det_classes", "box_format": "yxyx",
+                                       "normalized": True, "score_threshold": 0.5}})
+    post = make_postprocessor(card)
+    r = post(out, IDENTITY)
+    assert r.class_ids.tolist() == [2, 0] and r.boxes is not None
+    np.testing.assert_allclose(r.boxes, [[10, 12, 30, 40], [40, 40, 60, 60]], atol=1e-4)
+    g = post.groups(out)
+    assert g["detection_scores"].tolist() == pytest.approx([0.9, 0.6, 0.3])
+    out["num_dets"] = np.array([[0]], np.int32)
+    assert len(post(out, IDENTITY)) == 0
+
+
+def test_post_nms_scores_of_an_empty_scene_are_not_a_constant_model() -> None:
+    from engines.sanity import OutputStats, group_findings
+
+    stats = OutputStats()
+    for _ in range(3):
+        stats.add({"detection_scores": np.zeros(300, np.float32), "scores": np.zeros(10, np.float32)})
+    found = {(f.check, f.where) for f in stats.findings()}
+    assert ("constant", "scores") in found and ("constant", "detection_scores") not in found
+    # still range-checked
+    assert [f.check for f in group_findings({"detection_scores": np.array([0.5, 3.0])})] == ["score_range"]

@@ -29,7 +29,7 @@ from agent.wire.core import Topics, encode, valid_id
 from agent.wire.desired import desired_message
 from agent.wire.manifest import MAX_CHUNK, MIN_CHUNK, AccuracyBound
 from engines.errors import JetagentError
-from engines.modelcard import ModelCard, card_path_for, check_backend, load_card
+from engines.modelcard import ModelCard, card_path_for
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,22 @@ LARGE_MODEL = 16 * MIB  # from here on 1 MiB chunks (16+ of them fill a device's
 
 
 def validate_model(model: Path, card_path: Path) -> ModelCard:
-    """The checks a device would fail the model on, done before anything is published."""
+    """The checks a device would fail the model on, done before anything is published: the
+    ONNX checker, the card (or, with none beside the model, the card derived from it when that
+    is unambiguous: said on stderr), ONNX Runtime opening it against the card, and one real
+    inference on a generated frame through the card's preprocessing and post-processor
+    (engines.modelcheck: stride, output shapes, NaN, double activation, labels vs classes)."""
     import onnx  # heavy: only when pushing
     from google.protobuf.message import DecodeError
 
     from engines.base import BackendOptions, open_backend
+    from engines.cardinit import card_for
+    try:
+        from engines.modelcheck import check_model
+        from engines.runner import ModelRunner
+    except ImportError as exc:  # OpenCV: the check runs the card's own preprocessing
+        raise JetagentError(f"jetfleet push checks the model on a generated frame through the card's "
+                            f"preprocessing, which needs OpenCV ({exc}): pip install 'jetagent[cv]'") from None
 
     if not model.is_file():
         raise JetagentError(f"{model}: no such file")
@@ -50,12 +61,14 @@ def validate_model(model: Path, card_path: Path) -> ModelCard:
         onnx.checker.check_model(onnx.load(str(model), load_external_data=False))
     except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as exc:
         raise JetagentError(f"{model} is not a valid ONNX model: {str(exc).strip().splitlines()[0][:300]}") from None
-    card = load_card(card_path)
-    backend = open_backend("onnxruntime", model, BackendOptions(threads=1))
+    card, note = card_for(model, None if card_path == card_path_for(model) else card_path)
+    if note:
+        print(f"note       {note}", file=sys.stderr)
+    runner = ModelRunner(card, open_backend("onnxruntime", model, BackendOptions(threads=1)), path=str(model))
     try:
-        check_backend(card, backend)
+        check_model(runner)
     finally:
-        backend.close()
+        runner.close()
     return card
 
 

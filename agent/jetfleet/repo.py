@@ -16,9 +16,10 @@ from typing import Any
 
 from agent.wire.manifest import DEFAULT_CHUNK, AccuracyBound, Manifest, build_manifest, parse_manifest
 from agent.wire.signing import load_private_key, sign
+from engines.cardinit import card_for
 from engines.errors import JetagentError, ModelLoadError
 from engines.fileio import atomic_write_bytes
-from engines.modelcard import ModelCard, card_path_for, load_card, parse_card
+from engines.modelcard import ModelCard, card_path_for, parse_card
 from engines.postprocess import inline_array, load_array
 
 
@@ -61,7 +62,9 @@ class ModelRepo:
             data = mp.read_bytes()
         except OSError as exc:
             raise ModelLoadError(f"cannot read model {mp}: {exc.strerror or exc}") from exc
-        card = load_card(card_path if card_path is not None else card_path_for(mp))
+        # the card given or beside it, or the one derived from the model when that is unambiguous
+        explicit = card_path is not None and Path(card_path) != card_path_for(mp)
+        card, _ = card_for(mp, Path(card_path) if explicit and card_path is not None else None)
         raw = card_for_transport(card)
         if labels is not None:
             raw["labels"] = labels

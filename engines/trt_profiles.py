@@ -149,21 +149,14 @@ def fixed_profile(network_inputs: Mapping[str, Shape], shapes: Mapping[str, Sequ
 
 
 def onnx_input_shapes(path: Any) -> dict[str, Shape] | None:
-    """The graph inputs of an ONNX file (initializers excluded), -1 for dynamic dimensions.
-
-    None when the onnx package is missing; ModelLoadError when the file is not ONNX.
-    """
-    from engines.trt_api import load_onnx
-
-    model = load_onnx(Path(path))
-    if model is None:
+    """The graph inputs of an ONNX file (initializers excluded), -1 for dynamic dimensions, as
+    `engines.onnxfacts` reads them. None when the onnx package is missing; ModelLoadError when
+    the file is not ONNX."""
+    try:
+        import onnx  # noqa: F401  (onnxfacts needs it; without it the build names a dynamic input itself)
+    except ImportError:
         return None
-    initializers = {init.name for init in model.graph.initializer}
-    out: dict[str, Shape] = {}
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        out[value.name] = tuple(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else -1
-                                for d in dims)
-    return out
+    from engines.onnxfacts import read_facts
+
+    return {t.name: tuple(d if isinstance(d, int) and d > 0 else -1 for d in t.shape)
+            for t in read_facts(Path(path)).inputs}

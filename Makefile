@@ -18,11 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[cv,test,dev]'
 	touch $(STAMP)
 
-# Debian's mosquitto for the broker the tests and the demo start on loopback.
+# Debian's mosquitto for the broker the tests and the demo start on loopback; shellcheck for
+# the scripts' test (tests/test_install_jetson.py).
 system-deps:
-	@command -v mosquitto >/dev/null && command -v mosquitto_pub >/dev/null || { \
+	@command -v mosquitto >/dev/null && command -v mosquitto_pub >/dev/null && command -v shellcheck >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients shellcheck >/dev/null; }
 	@# the package starts a system broker on 1883; ours run on free ports, so it may stay or go
 	@true
 

@@ -1,4 +1,5 @@
-"""`jetagent`: run the daemon, check a config, benchmark a model."""
+"""`jetagent`: run the daemon, check a config, benchmark a model, check the device (doctor), prove
+the hardware paths (selftest)."""
 
 from __future__ import annotations
 
@@ -252,6 +253,63 @@ def cmd_card_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """One line per check (or --json); exit 1 when any check failed."""
+    from agent.doctor import DoctorOptions, report, run_doctor
+
+    config = None if args.no_config else Path(args.config)
+    checks = run_doctor(DoctorOptions(config=config, frames=args.frames, camera_timeout_s=args.timeout,
+                                      broker_timeout_s=args.timeout))
+    result = report(checks)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for check in checks:
+            print(check.line())
+        print("doctor: " + ("all checks passed" if result["ok"] else f"FAILED: {', '.join(result['failed'])}"))
+    return 0 if result["ok"] else 1
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """Prove the hardware paths and write a report to attach to a bug report; exit 1 on a failure."""
+    from agent.selftest import SelftestOptions, format_selftest, run_selftest
+
+    opts = SelftestOptions(out=Path(args.out), model=Path(args.model) if args.model else None,
+                           video=Path(args.video) if args.video else None, frames=args.frames,
+                           holdout=args.holdout, loop_seconds=args.loop_seconds, minimum=args.min_accuracy,
+                           require_gpu=args.require_gpu, cpu=not args.no_cpu, all_candidates=args.all_candidates)
+    report = run_selftest(opts)
+    print(json.dumps(report, indent=2) if args.json else format_selftest(report))
+    return 0 if report["verdict"] in ("passed", "passed-cpu-only") else 1
+
+
+def _add_doctor_and_selftest(sub: Any) -> None:
+    doctor = sub.add_parser("doctor", help="check that this device can run the agent (one line per check)")
+    doctor.add_argument("--config", default="/etc/jetagent/agent.toml", help="TOML config file")
+    doctor.add_argument("--no-config", action="store_true", help="check the device only")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    doctor.add_argument("--frames", type=int, default=3, help="frames each camera must deliver")
+    doctor.add_argument("--timeout", type=_positive, default=10.0, help="seconds per camera / broker check")
+    doctor.set_defaults(func=cmd_doctor)
+
+    selftest = sub.add_parser("selftest", help="build and time every engine route on the demo model; "
+                              "write a report for bug reports")
+    selftest.add_argument("--out", required=True, help="report JSON to write")
+    selftest.add_argument("--model", help="ONNX model with its card (default: the demo person detector)")
+    selftest.add_argument("--video", help="video to calibrate on and loop (default: clips/vtest.avi)")
+    selftest.add_argument("--frames", type=int, default=64, help="calibration frames (default 64)")
+    selftest.add_argument("--holdout", type=int, default=48, help="held-out frames compared with FP32 (default 48)")
+    selftest.add_argument("--loop-seconds", type=_positive, default=60.0,
+                          help="seconds of camera loop on the video per engine (default 60)")
+    selftest.add_argument("--min-accuracy", type=float, default=0.95, help="the gate's bound (default 0.95)")
+    selftest.add_argument("--require-gpu", action="store_true", help="fail when TensorRT is not usable here")
+    selftest.add_argument("--no-cpu", action="store_true", help="skip the ONNX Runtime (CPU) parts")
+    selftest.add_argument("--all-candidates", action="store_true",
+                          help="every INT8 candidate of each route, not only the first")
+    selftest.add_argument("--json", action="store_true", help="print the report instead of the summary")
+    selftest.set_defaults(func=cmd_selftest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jetagent", description="Camera inference agent for NVIDIA Jetson.")
     parser.add_argument("--version", action="version", version=f"jetagent {__version__}")
@@ -311,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--timeout", type=_positive, default=600.0, help="give up collecting after this long")
     calibrate.add_argument("--json", action="store_true", help="print JSON")
     calibrate.set_defaults(func=cmd_calibrate)
+    _add_doctor_and_selftest(sub)
     return parser
 
 

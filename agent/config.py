@@ -36,6 +36,18 @@ class BackendConfig:
     threads: int = 0
     providers: tuple[str, ...] = ()
     graph_optimization: str = "all"
+    # TensorRT (issue 12): the CUDA memory seam, build limits, DLA, and how long start-up waits
+    # for an engine before ONNX Runtime serves while it builds in the background.
+    cuda_memory: str = "auto"  # auto | cuda-python | pycuda
+    workspace_mib: int = 0  # TensorRT build workspace; 0 = an eighth of device memory, 256 MiB..2 GiB
+    dla_core: int | None = None
+    build_timeout_s: float = 1800.0
+    startup_wait_s: float = 20.0
+
+    @property
+    def workspace_bytes(self) -> int | None:
+        """For calibration.deploy.DeployConfig.from_backend (None: the builder's default)."""
+        return self.workspace_mib << 20 if self.workspace_mib else None
 
 
 @dataclass(frozen=True)
@@ -271,6 +283,11 @@ def _backend(t: _Table | None) -> BackendConfig:
         threads=t.integer("threads", 0),
         providers=t.strings("providers"),
         graph_optimization=t.choice("graph_optimization", ("disable", "basic", "extended", "all"), "all"),
+        cuda_memory=t.choice("cuda_memory", ("auto", "cuda-python", "pycuda"), "auto"),
+        workspace_mib=t.integer("workspace_mib", 0),
+        dla_core=t.integer("dla_core", 0) if t.has("dla_core") else None,
+        build_timeout_s=t.number("build_timeout_s", 1800.0, minimum=1.0),
+        startup_wait_s=t.number("startup_wait_s", 20.0),
     )
     t.done()
     return cfg

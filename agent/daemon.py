@@ -24,7 +24,7 @@ from agent.camera.results import JsonLinesSink
 from agent.camera.sources import parse_source, probe_source, set_opencv_threads
 from agent.config import CameraConfig, Config
 from agent.sdnotify import Notifier
-from agent.serving import Serving, open_camera_model
+from agent.serving import Serving, needs_engine, open_camera_model
 from engines.errors import JetagentError
 
 if TYPE_CHECKING:
@@ -54,8 +54,10 @@ def check_config(config: Config) -> list[str]:
             else:
                 _, w, h = probe_source(cam.source)
                 where = f"{spec.kind} {cam.source} ({w}x{h})"
+            engine = (f"; its {config.backend.precision} TensorRT engine is built (or loaded from the cache) at "
+                      "start, with ONNX Runtime serving meanwhile" if needs_engine(config, cam.model) else "")
             lines.append(f"camera {cam.name}: {runner.card.name} on {runner.backend.name} "
-                         f"({runner.precision}), {where}")
+                         f"({runner.precision}), {where}{engine}")
         finally:
             runner.close()
     if config.fleet is not None:
@@ -280,6 +282,7 @@ class Agent:
             "device_id": self.config.device_id,
             "uptime_s": round(time.time() - self.started_at, 1),
             "cameras": [c.pipeline.status() for c in self.cameras],
+            "engines": self.serving.engine_status(),
         }
 
     def stop(self) -> None:
@@ -305,6 +308,7 @@ class Agent:
         if self.fleet is not None:
             self.fleet.close()  # says "offline" (retained) before disconnecting
             self.fleet = None
+        self.serving.close()  # engines still being made at start-up: stop waiting, they close their own
         for cam in self.cameras:
             cam.pipeline.runner.close()
         self.sink.close()

@@ -1,8 +1,10 @@
 """The engine cache: build an engine once per everything that makes it non-portable.
 
 An entry is keyed by a `Fingerprint`: model sha256, backend and its version, device
-identity (GPU name, compute capability and L4T release; or the CPU's ISA), precision,
-calibration-set hash and the build options. Each entry is a directory holding the
+identity (GPU name, compute capability, L4T release, the board's device-tree model, SM
+count, memory and CUDA version, because every Orin module reports "Orin" 8.7; or the
+CPU's ISA), precision, calibration-set hash and the build options (for a plan, with the
+sha256 of the exact ONNX it was built from: the model or its QDQ export). Each entry is a directory holding the
 artifact (a TensorRT plan, or for ONNX Runtime the QDQ ONNX) and, beside it, a sidecar
 `<artifact>.cache.json` with the full fingerprint. Metadata never goes inside the
 artifact, so any other loader still reads it.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -81,9 +84,37 @@ def l4t_release(path: Path = Path("/etc/nv_tegra_release")) -> str | None:
     return f"{major}.{revision}" if major and revision else (major or None)
 
 
-def gpu_identity(name: str, compute_capability: str, l4t: str | None = None) -> dict[str, Any]:
-    """A GPU as an engine sees it: TensorRT plans are valid only on this name + capability + L4T."""
-    return {"kind": "gpu", "name": name, "compute_capability": compute_capability, "l4t": l4t or "none"}
+def jetson_model(path: Path = Path("/proc/device-tree/model")) -> str | None:
+    """The board as the device tree names it ("NVIDIA Jetson Orin Nano Developer Kit"); None elsewhere.
+
+    CUDA reports every Orin module as "Orin", compute capability 8.7; this is what tells
+    AGX Orin, Orin NX and Orin Nano apart.
+    """
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return text.replace("\0", "").strip() or None
+
+
+def gpu_identity(name: str, compute_capability: str, l4t: str | None = None, *, board: str | None = None,
+                 multiprocessors: int = 0, memory_bytes: int = 0, cuda: str = "") -> dict[str, Any]:
+    """A GPU as an engine sees it: TensorRT plans (and timing caches) are valid only on this exact
+    device: name + compute capability + L4T release + board (device-tree model) + SM count +
+    memory (whole GiB rounded up: the total CUDA reports is the RAM less carve-outs, which move a
+    little between boots and releases; 7.4 GiB is an 8 GB module) + CUDA version."""
+    return {"kind": "gpu", "name": name, "compute_capability": compute_capability, "l4t": l4t or "none",
+            "board": board or "none", "multiprocessors": int(multiprocessors),
+            "memory_gib": math.ceil(memory_bytes / 2**30) if memory_bytes else 0, "cuda": cuda or "none"}
+
+
+def gpu_identity_from_probe(device: Mapping[str, Any], l4t: str | None = None,
+                            board: str | None = None) -> dict[str, Any]:
+    """`gpu_identity` from a TensorRT probe's "device" (calibration.trt_child.probe)."""
+    return gpu_identity(str(device.get("name")), str(device.get("compute_capability")), l4t, board=board,
+                        multiprocessors=int(device.get("multiprocessors") or 0),
+                        memory_bytes=int(device.get("total_memory") or 0),
+                        cuda=str(device.get("cuda_runtime") or ""))
 
 
 @dataclass(frozen=True)

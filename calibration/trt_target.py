@@ -12,7 +12,11 @@ so the route choice follows the installed module, never a version string:
 Fallbacks: FP16 (BuilderFlag.FP16 on 8.5-10.x; on 11.x FP16 needs an FP16 ONNX from
 ModelOpt AutoCast, which jetagent does not make, so the fallback is reported as
 unavailable), then FP32. Every engine is built in a child process with a timeout,
-cached by fingerprint, with the timing cache keyed by TensorRT version + device.
+cached by fingerprint (the device identity includes the board's device-tree model, SM
+count, memory and CUDA version; a plan's key includes the sha256 of the ONNX it was built
+from), with the timing cache keyed by TensorRT version + device. A model with dynamic
+input dimensions builds with an optimization profile: the one given, or every dynamic
+dimension pinned to the model card's input shape.
 """
 
 from __future__ import annotations
@@ -25,15 +29,17 @@ from typing import Any
 from calibration.build import DEFAULT_LAUNCHER, build_in_child, probe_tensorrt
 from calibration.candidates import Candidate, Prepared
 from calibration.dataset import CalibrationSet, CalibrationStore
-from calibration.engine_cache import EngineCache, Fingerprint, gpu_identity, l4t_release
+from calibration.engine_cache import EngineCache, Fingerprint, gpu_identity_from_probe, jetson_model, l4t_release
 from calibration.ort_target import QDQ_NAME, ort_version
 from calibration.progress import ProgressEvent, ProgressFn
 from calibration.quantize import QuantProfile, export_qdq, tensorrt_profile
 from engines.base import BackendOptions
-from engines.errors import BackendUnavailable
+from engines.errors import BackendUnavailable, JetagentError
+from engines.fileio import sha256_file
 from engines.modelcard import ModelCard
 from engines.runner import ModelRunner, open_model
-from engines.trt_build import BuildRequest, PrecisionUnavailable
+from engines.trt_build import BuildRequest, BuildUnsupported, PrecisionUnavailable
+from engines.trt_profiles import ProfileShapes, fixed_profile, onnx_input_shapes, profile_to_json
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,10 @@ class TensorRTTarget:
     def __init__(self, model_path: Path, card: ModelCard, model_sha256: str, dataset: CalibrationSet | None,
                  cache: EngineCache, *, workspace_bytes: int | None = None, dla_core: int | None = None,
                  device_index: int = 0, timeout_s: float = 1800.0,
-                 launcher: Sequence[str] = DEFAULT_LAUNCHER) -> None:
+                 launcher: Sequence[str] = DEFAULT_LAUNCHER,
+                 profile_shapes: Mapping[str, ProfileShapes] | None = None) -> None:
+        """`profile_shapes`: shape ranges for inputs with dynamic dimensions (e.g. a batch range for a
+        runner several cameras share); by default every dynamic dimension is pinned to the card's input."""
         self.model_path = model_path
         self.card = card
         self.model_sha256 = model_sha256
@@ -75,6 +84,7 @@ class TensorRTTarget:
         self.device_index = device_index
         self.timeout_s = timeout_s
         self.launcher = tuple(launcher)
+        self.profile_shapes = dict(profile_shapes) if profile_shapes else None
         self._probe: Mapping[str, Any] | None = None
 
     @classmethod
@@ -100,8 +110,20 @@ class TensorRTTarget:
 
     def identity(self) -> tuple[str, Mapping[str, Any]]:
         device = self.probe.get("device", {})
-        return str(self.probe.get("tensorrt_version")), gpu_identity(
-            str(device.get("name")), str(device.get("compute_capability")), l4t_release())
+        return str(self.probe.get("tensorrt_version")), gpu_identity_from_probe(device, l4t_release(), jetson_model())
+
+    def _profile_for(self, onnx_path: Path) -> dict[str, ProfileShapes] | None:
+        """The optimization profile to build `onnx_path` with: the one given, else dynamic inputs pinned
+        to the card's input shape (the camera pipeline feeds exactly that)."""
+        if self.profile_shapes:
+            return self.profile_shapes
+        inputs = onnx_input_shapes(onnx_path)
+        if inputs is None:
+            return None  # no onnx package: a dynamic model fails in the build with the reason
+        try:
+            return fixed_profile(inputs, {self.card.input.name: self.card.input.tensor_shape()})
+        except JetagentError as exc:
+            raise BuildUnsupported(f"{onnx_path.name}: {exc}") from exc
 
     def candidates(self, task: str) -> list[Candidate]:
         return trt_candidates(task, self.routes)
@@ -146,12 +168,16 @@ class TensorRTTarget:
         calibration_dir = None
         if route == "implicit-calibrator":
             calibration_dir = CalibrationStore(self.cache.root / "calibration-sets").save(self._dataset())
+        profile_shapes = self._profile_for(onnx_path)
         fingerprint = Fingerprint(
             model_sha256=self.model_sha256, backend=self.backend, backend_version=version, device=device,
             precision=candidate.precision,
             calibration_sha256=self._dataset().content_hash if candidate.precision == "int8" else "",
             options={**opts, **self._build_options(),
-                     "profile": candidate.profile.to_dict() if candidate.profile else None})
+                     "profile": candidate.profile.to_dict() if candidate.profile else None,
+                     # the exact file built: a re-exported QDQ (new ONNX Runtime, new quantizer) is a new plan
+                     "onnx_sha256": sha256_file(onnx_path) if onnx_path != self.model_path else self.model_sha256,
+                     "profile_shapes": profile_to_json(profile_shapes)})
         timing_cache = self.cache.timing_cache_path(self.backend, version, device)
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
 
@@ -162,7 +188,8 @@ class TensorRTTarget:
                 fp16_route=route if candidate.precision == "fp16" else "auto",
                 calibration_cache=plan.with_name("calibration.cache") if calibration_dir else None,
                 calibrator=str(opts.get("calibrator", "entropy")), workspace_bytes=self.workspace_bytes,
-                dla_core=self.dla_core, timing_cache=timing_cache, device_index=self.device_index)
+                dla_core=self.dla_core, timing_cache=timing_cache, device_index=self.device_index,
+                profile_shapes=profile_shapes)
             return build_in_child(onnx_path, plan, request, calibration_set=calibration_dir,
                                   timeout_s=self.timeout_s, progress=progress, launcher=self.launcher,
                                   candidate=candidate.name)

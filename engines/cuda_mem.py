@@ -1,24 +1,35 @@
-"""Device buffers and one CUDA stream, behind a small seam.
+"""Device buffers and one CUDA stream, behind a small seam, on cuda-python or pycuda.
 
 TensorRT needs device pointers, a stream handle, and copies between page-locked
 host memory and the device. `DeviceMemory` is the whole surface the engine
-modules use; `PyCudaMemory` implements it with pycuda, and a cuda-python
-(`cuda.bindings`) implementation can sit behind the same protocol later
-(NVIDIA's samples moved to it; JetPack's pycuda builds from source).
+modules use. Two implementations, chosen at run time (`open_device_memory`):
 
-Context handling: `pycuda.autoinit` is never imported (it creates a context as an
-import side effect). We retain the device's *primary* context, which is "the one
+* `engines.cuda_python.CudaPythonMemory` on cuda-python's runtime API
+  (`cuda.bindings.runtime`, or `cuda.cudart` in older releases): what NVIDIA's
+  samples use since TensorRT 10 (`samples/python/common_runtime.py`), installable
+  from wheels; every call returns an `(err, value...)` tuple and every one is checked.
+* `PyCudaMemory` on pycuda, which is not part of JetPack and builds from source
+  against JetPack's CUDA (PyPI has only an sdist).
+
+"auto" (the default, or `$JETAGENT_CUDA_MEMORY`) takes the first that imports,
+cuda-python first. `scripts/install_jetson.sh` installs whichever works.
+
+Context handling (pycuda): `pycuda.autoinit` is never imported (it creates a context as
+an import side effect). We retain the device's *primary* context, which is "the one
 used by the CUDA runtime API" (pycuda docs, Device.retain_primary_context), and
 TensorRT uses the runtime API, so pycuda and TensorRT share one context. The
-context is pushed around every call (`activate()`), so a camera thread other than
-the one that opened the engine can run it. Memory is released in `close()`,
+context is pushed around every call (`activate()`; pycuda's context stack is per
+thread), so a camera thread other than the one that opened the engine can run it.
+Memory and the stream are released in `close()` while the context is still alive,
 never in `__del__`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,20 +41,39 @@ from engines.errors import BackendUnavailable
 logger = logging.getLogger(__name__)
 
 PYCUDA_HINT = (
-    "pycuda is needed for TensorRT device buffers. On a Jetson it builds from source against "
-    "JetPack's CUDA: PATH=/usr/local/cuda/bin:$PATH pip install pycuda (inside a venv created "
-    "with --system-site-packages so JetPack's tensorrt stays visible)."
+    "TensorRT device buffers need cuda-python or pycuda. On a Jetson: "
+    "pip install 'cuda-python==<JetPack's CUDA major.minor>.*' (wheels), or pycuda from source against "
+    "JetPack's CUDA: apt install python3-dev; PATH=/usr/local/cuda/bin:$PATH pip install pycuda "
+    "(inside a venv created with --system-site-packages so JetPack's tensorrt stays visible). "
+    "scripts/install_jetson.sh does this."
 )
+ENV_VAR = "JETAGENT_CUDA_MEMORY"
+IMPLEMENTATIONS = ("cuda-python", "pycuda")
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """The GPU the buffers live on."""
+    """The GPU the buffers live on. Jetson modules share a name and compute capability
+    (AGX Orin, Orin NX and Orin Nano are all "Orin", 8.7): the SM count and memory tell them apart."""
 
     index: int
     name: str
     compute_capability: tuple[int, int]
     total_memory: int
+    multiprocessors: int = 0
+    cuda_runtime: str = ""  # e.g. "12.6" (the runtime the seam was built with)
+    cuda_driver: str = ""  # e.g. "12.6" (what the driver supports)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"index": self.index, "name": self.name,
+                "compute_capability": "{}.{}".format(*self.compute_capability),
+                "total_memory": self.total_memory, "multiprocessors": self.multiprocessors,
+                "cuda_runtime": self.cuda_runtime, "cuda_driver": self.cuda_driver}
+
+
+def cuda_version_text(value: int) -> str:
+    """CUDA's integer version (12060) -> "12.6"."""
+    return f"{value // 1000}.{(value % 1000) // 10}" if value > 0 else ""
 
 
 @dataclass
@@ -60,6 +90,10 @@ class DeviceMemory(Protocol):
 
     @property
     def info(self) -> DeviceInfo: ...
+
+    @property
+    def implementation(self) -> str:
+        """Which seam this is and its version, e.g. "cuda-python 12.6.2" or "pycuda 2024.1.2"."""
 
     @property
     def stream_handle(self) -> int:
@@ -101,16 +135,20 @@ class PyCudaMemory:
                 name=str(device.name()),
                 compute_capability=_capability(device.compute_capability()),
                 total_memory=int(device.total_memory()),
+                multiprocessors=int(device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)),
+                cuda_runtime=".".join(str(v) for v in cuda.get_version()[:2]),
+                cuda_driver=cuda_version_text(int(cuda.get_driver_version())),
             )
             self._cuda_context = device.retain_primary_context()
         except cuda.Error as exc:
             raise BackendUnavailable(f"CUDA device {device_index} is not usable: {exc}") from exc
         self._cuda = cuda
+        self._version = _module_version("pycuda")
         self._buffers: list[DeviceBuffer] = []
         self._host: list[np.ndarray] = []
         self._closed = False
         with self.activate():
-            self._stream = cuda.Stream()
+            self._stream: Any = cuda.Stream()
         logger.info("CUDA device %d: %s (sm_%d%d)", device_index, self._info.name,
                     *self._info.compute_capability)
 
@@ -119,7 +157,13 @@ class PyCudaMemory:
         return self._info
 
     @property
+    def implementation(self) -> str:
+        return f"pycuda {self._version}"
+
+    @property
     def stream_handle(self) -> int:
+        if self._stream is None:
+            raise BackendUnavailable("CUDA memory was already closed")
         return int(self._stream.handle)
 
     @contextlib.contextmanager
@@ -173,6 +217,10 @@ class PyCudaMemory:
                 if base is not None and hasattr(base, "free"):
                     base.free()  # PagelockedHostAllocation.free (pycuda docs)
             self._host.clear()
+            # pycuda destroys a stream when its last reference goes; that must happen now, while
+            # the context is current and alive, not at some later garbage collection (a leak per
+            # backend, and a clean-up on a dead context).
+            self._stream = None
         self._closed = True
         # Drops our reference on the primary context; the driver keeps it while TensorRT or
         # anyone else in the process still retains it.
@@ -197,13 +245,81 @@ def _import_pycuda_driver() -> Any:
     return cuda
 
 
-IMPLEMENTATIONS = ("pycuda",)
+def _module_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # not installed as a distribution (a stand-in, a source tree)
+        module = importlib.import_module(name)
+        return str(getattr(module, "VERSION_TEXT", getattr(module, "__version__", "unknown")))
+
+
+def _probe_import(kind: str) -> str | None:
+    """None when `kind`'s modules import, else why not."""
+    try:
+        if kind == "pycuda":
+            _import_pycuda_driver()
+        else:
+            from engines.cuda_python import import_cudart
+
+            import_cudart()
+    except BackendUnavailable as exc:
+        cause = exc.__cause__
+        return str(cause) if cause is not None else str(exc).split(". ")[0]
+    return None
+
+
+def available_implementations() -> list[dict[str, object]]:
+    """For reports (`jetagent doctor`): each seam, whether it imports, its version or why not."""
+    out: list[dict[str, object]] = []
+    for kind in IMPLEMENTATIONS:
+        error = _probe_import(kind)
+        version = None
+        if error is None:
+            version = _module_version("pycuda") if kind == "pycuda" else _cuda_python_version()
+        out.append({"name": kind, "importable": error is None, "version": version, "error": error})
+    return out
+
+
+def _cuda_python_version() -> str:
+    for distribution in ("cuda-python", "cuda-bindings"):
+        try:
+            from importlib.metadata import version
+
+            return version(distribution)
+        except Exception:
+            continue
+    from engines.cuda_python import import_cudart
+
+    return str(getattr(import_cudart(), "__version__", "unknown"))
+
+
+def choose_implementation(implementation: str | None = None) -> str:
+    """The seam `open_device_memory` will use: the one asked for (argument, then $JETAGENT_CUDA_MEMORY),
+    or with "auto" the first that imports. Raises BackendUnavailable saying why."""
+    kind = implementation or os.environ.get(ENV_VAR) or "auto"
+    if kind not in ("auto", *IMPLEMENTATIONS):
+        raise BackendUnavailable(f"unknown CUDA memory implementation {kind!r}; choose one of: "
+                                 f"auto, {', '.join(IMPLEMENTATIONS)}")
+    if kind != "auto":
+        return kind
+    reasons = []
+    for candidate in IMPLEMENTATIONS:
+        error = _probe_import(candidate)
+        if error is None:
+            return candidate
+        reasons.append(f"{candidate}: {error}")
+    raise BackendUnavailable(f"neither cuda-python nor pycuda is importable here ({'; '.join(reasons)}). "
+                             f"{PYCUDA_HINT}")
 
 
 def open_device_memory(device_index: int = 0, implementation: str | None = None) -> DeviceMemory:
-    """Open buffers and a stream on `device_index`. Raises BackendUnavailable with the reason."""
-    kind = implementation or "pycuda"
+    """Open buffers and a stream on `device_index` with the chosen seam (`choose_implementation`).
+    Raises BackendUnavailable with the reason."""
+    kind = choose_implementation(implementation)
     if kind == "pycuda":
         return PyCudaMemory(device_index)
-    raise BackendUnavailable(f"unknown CUDA memory implementation {kind!r}; choose one of: "
-                             f"{', '.join(IMPLEMENTATIONS)}")
+    from engines.cuda_python import CudaPythonMemory
+
+    return CudaPythonMemory(device_index)

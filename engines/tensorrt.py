@@ -12,13 +12,17 @@ writes next to the plan, never from the plan file itself, so other loaders
 version and the plan's sha256: a plan from another TensorRT version, or a plan
 whose sidecar is stale, is refused with a clear ModelLoadError before
 deserialization is even tried.
+
+TensorRT is given the process's one logger (`engines.trt_logger.process_logger`, which
+also initialises the plugin library), never one per backend. Host-located tensors
+(shape tensors) get 256-byte-aligned host memory, device-located ones device buffers;
+dtypes numpy cannot hold (BF16, FP8, INT4) are refused with the tensor's name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,48 +34,19 @@ from engines.base import PRECISIONS, BackendOptions, TensorSpec
 from engines.cuda_mem import DeviceBuffer, DeviceMemory, open_device_memory
 from engines.errors import BackendUnavailable, InferenceError, ModelLoadError, ModelMismatch
 from engines.fileio import atomic_write_bytes, sha256_file
+from engines.trt_logger import plugins_ready, process_logger
 
 logger = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = 1
-_MAX_KEPT = 50
+ALIGNMENT = 256  # setTensorAddress: "The pointer must have at least 256-byte alignment" (host ones too)
 
 
-class LogRelay:
-    """TensorRT's log -> Python logging; warnings and errors are also kept for reports.
-
-    Composed with trt.ILogger by `compose`, because this module must import without tensorrt.
-    """
-
-    def __init__(self, warning: int, error: int) -> None:
-        super().__init__()  # the TensorRT ILogger (pybind11) base must be initialised explicitly
-        self._warning, self._error = warning, error
-        self.messages: list[str] = []
-
-    def log(self, severity: Any, msg: str) -> None:
-        level = int(severity)  # INTERNAL_ERROR=0 ... VERBOSE=4
-        if level <= self._warning and len(self.messages) < _MAX_KEPT:
-            self.messages.append(msg)
-        py_level = (logging.ERROR if level <= self._error else
-                    logging.WARNING if level <= self._warning else logging.DEBUG)
-        logger.log(py_level, "TensorRT: %s", msg)
-
-
-_COMPOSED: dict[tuple[type, Any], type] = {}
-
-
-def compose(behaviour: type, base: Any) -> type:
-    """A class with `behaviour`'s methods over a TensorRT base class (cached per pair)."""
-    key = (behaviour, base)
-    if key not in _COMPOSED:
-        _COMPOSED[key] = types.new_class(f"Jetagent{base.__name__}", (behaviour, base))
-    return _COMPOSED[key]
-
-
-def new_log_relay(trt: Any) -> LogRelay:
-    """A TensorRT logger (trt.ILogger subclass) that reports through this module's logging."""
-    relay: LogRelay = compose(LogRelay, trt.ILogger)(int(trt.ILogger.WARNING), int(trt.ILogger.ERROR))
-    return relay
+def aligned_host_bytes(nbytes: int) -> np.ndarray:
+    """`nbytes` of ordinary host memory starting on a 256-byte boundary (for host-located tensors)."""
+    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
+    offset = (-raw.ctypes.data) % ALIGNMENT
+    return raw[offset:offset + nbytes]
 
 
 def sidecar_path(plan_path: Path) -> Path:
@@ -115,7 +90,12 @@ def _dims(dims: Any) -> tuple[int, ...]:
 
 
 class TensorRTBackend:
-    """A deserialized engine with one execution context. Not thread-safe: one caller at a time."""
+    """A deserialized engine with one execution context. Not thread-safe: one caller at a time.
+
+    Device-located tensors get device buffers and page-locked staging copies; host-located
+    ones (shape tensors: an output of a Shape op, an input that feeds a Reshape's shape) get
+    256-byte-aligned host memory, whose address TensorRT reads and writes directly.
+    """
 
     def __init__(self, trt: Any, plan_path: Path, sidecar: Mapping[str, Any], memory: DeviceMemory,
                  dla_core: int | None) -> None:
@@ -125,16 +105,18 @@ class TensorRTBackend:
         self._memory = memory
         self._dla_core = dla_core
         self._closed = False
-        self._log = new_log_relay(trt)  # referenced for as long as the runtime lives
+        self._log: Any = None
         self._device: dict[str, DeviceBuffer] = {}
-        self._staging: dict[str, np.ndarray] = {}  # page-locked bytes, one per tensor, grown on demand
+        self._staging: dict[str, np.ndarray] = {}  # bytes, one per tensor, grown on demand
         self._host: dict[str, np.ndarray] = {}  # typed views into the staging bytes
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._on_host: set[str] = set()
         self._runtime: Any = None
         self._engine: Any = None
         self._context: Any = None
         with memory.activate():
             try:
+                self._log = process_logger(trt)  # the process's one logger: never freed (engines.trt_logger)
                 self._runtime = trt.Runtime(self._log)
                 if dla_core is not None:
                     # The runtime must know the DLA core before it deserializes a DLA engine.
@@ -151,30 +133,33 @@ class TensorRTBackend:
                 raise
 
     def _deserialize(self, plan: bytes) -> Any:
+        mark = self._log.mark()
         try:
             engine = self._runtime.deserialize_cuda_engine(plan)
         except Exception as exc:  # the bindings raise on some corrupt plans instead of returning None
             raise ModelLoadError(f"{self._path}: TensorRT {self._trt.__version__} rejected the plan: {exc}") \
                 from exc
         if engine is None:
-            said = " | ".join(self._log.messages[-3:]) or "no message"
+            said = " | ".join(self._log.since(mark)[-3:]) or "no message"
             raise ModelLoadError(f"{self._path}: TensorRT {self._trt.__version__} could not deserialize the "
-                                 "plan (built by another TensorRT version or GPU, or corrupt; "
-                                 f"TensorRT: {said}); rebuild it")
+                                 "plan (built by another TensorRT version or GPU, or corrupt, or a plugin is "
+                                 f"missing; TensorRT: {said}); rebuild it")
         return engine
 
     def _io_specs(self) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
         trt, engine = self._trt, self._engine
-        inputs, outputs = [], []
+        inputs: list[TensorSpec] = []
+        outputs: list[TensorSpec] = []
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
             shape = _dims(engine.get_tensor_shape(name))
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            dtype = trt_api.numpy_dtype(engine.get_tensor_dtype(name),
+                                        f"{self._path}: {'input' if is_input else 'output'} {name!r}")
+            if engine.get_tensor_location(name) == trt.TensorLocation.HOST:
+                self._on_host.add(name)
             spec = TensorSpec(name, tuple(d if d >= 0 else None for d in shape), dtype.name)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                inputs.append(spec)
-            else:
-                outputs.append(spec)
+            (inputs if is_input else outputs).append(spec)
         return tuple(inputs), tuple(outputs)
 
     @property
@@ -193,18 +178,26 @@ class TensorRTBackend:
     def outputs(self) -> tuple[TensorSpec, ...]:
         return self._outputs
 
+    @property
+    def host_tensors(self) -> frozenset[str]:
+        """Names of the host-located (shape) tensors."""
+        return frozenset(self._on_host)
+
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Copy inputs in, run once on the stream, copy outputs out. Raises InferenceError."""
         if self._closed:
             raise InferenceError("the TensorRT backend is closed")
         arrays = self._check_feeds(feeds)
+        mark = self._log.mark()
         try:
             with self._memory.activate():
                 return self._run(arrays)
         except (InferenceError, ModelMismatch):
             raise
         except Exception as exc:
-            raise InferenceError(f"TensorRT inference failed: {exc}") from exc
+            said = " | ".join(self._log.since(mark)[-3:])
+            raise InferenceError(f"TensorRT inference failed: {exc}" + (f" (TensorRT: {said})" if said else "")) \
+                from exc
 
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         expected = {spec.name: spec for spec in self._inputs}
@@ -235,8 +228,9 @@ class TensorRTBackend:
                                          "(outside the engine's optimization profile?)")
                 self._shapes[name] = array.shape
             self._ensure_buffer(name, array.shape, array.dtype)
-            np.copyto(self._host[name], array)
-            memory.copy_to_device(self._device[name], self._host[name])
+            np.copyto(self._host[name], array)  # host-located: TensorRT reads it from here
+            if name not in self._on_host:
+                memory.copy_to_device(self._device[name], self._host[name])
         for spec in self._outputs:
             shape = _dims(context.get_tensor_shape(spec.name))
             if any(d < 0 for d in shape):
@@ -246,9 +240,10 @@ class TensorRTBackend:
         if not context.execute_async_v3(memory.stream_handle):
             raise InferenceError("TensorRT execute_async_v3 reported failure")
         for spec in self._outputs:
-            memory.copy_to_host(self._host[spec.name], self._device[spec.name])
+            if spec.name not in self._on_host:
+                memory.copy_to_host(self._host[spec.name], self._device[spec.name])
         memory.synchronize()
-        # Copies: the page-locked buffers are reused by the next call.
+        # Copies: the buffers are reused by the next call.
         return {spec.name: self._host[spec.name].copy() for spec in self._outputs}
 
     def _ensure_buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
@@ -256,17 +251,28 @@ class TensorRTBackend:
         if host is not None and host.shape == shape and host.dtype == dtype:
             return
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        device = self._device.get(name)
-        if device is None or device.nbytes < nbytes:
-            # Grow only: a shape that fits the current buffers reuses them and their address.
-            if device is not None:
-                self._memory.free(device)
-            device = self._memory.alloc(nbytes)
-            self._device[name] = device
-            if not self._context.set_tensor_address(name, device.ptr):
-                raise InferenceError(f"TensorRT refused the device address for {name!r}")
-            self._staging[name] = self._memory.pagelocked_empty((nbytes,), np.dtype(np.uint8))
-        self._host[name] = self._staging[name][:nbytes].view(dtype).reshape(shape)
+        staging = self._staging.get(name)
+        if name in self._on_host:
+            if staging is None or staging.nbytes < nbytes:
+                staging = self._staging[name] = aligned_host_bytes(max(nbytes, 1))
+                self._set_address(name, int(staging.ctypes.data))
+        else:
+            device = self._device.get(name)
+            if device is None or device.nbytes < nbytes:
+                # Grow only: a shape that fits the current buffers reuses them and their address.
+                if device is not None:
+                    self._memory.free(device)
+                device = self._device[name] = self._memory.alloc(nbytes)
+                self._set_address(name, device.ptr)
+                staging = self._staging[name] = self._memory.pagelocked_empty((nbytes,), np.dtype(np.uint8))
+        if staging is None:  # for mypy: both branches leave a staging buffer
+            raise InferenceError(f"internal: no staging buffer for {name!r}")
+        self._host[name] = staging[:nbytes].view(dtype).reshape(shape)
+
+    def _set_address(self, name: str, address: int) -> None:
+        if not self._context.set_tensor_address(name, address):
+            where = "host" if name in self._on_host else "device"
+            raise InferenceError(f"TensorRT refused the {where} address {address:#x} for {name!r}")
 
     def describe(self) -> dict[str, object]:
         info = self._memory.info
@@ -279,6 +285,8 @@ class TensorRTBackend:
             "precision": self.precision,
             "route": self._sidecar.get("route"),
             "plan": str(self._path),
+            "cuda_memory": self._memory.implementation,
+            "plugins": plugins_ready(self._trt),
         }
 
     def close(self) -> None:
@@ -311,7 +319,8 @@ def open_tensorrt(path: Path, options: BackendOptions) -> TensorRTBackend:
     """Open a plan built by `engines.trt_build`.
 
     options.extra: "device_index" (CUDA device, default 0), "dla_core" (default: the core
-    recorded in the sidecar). Raises BackendUnavailable (no tensorrt/pycuda/GPU),
+    recorded in the sidecar), "cuda_memory" ("cuda-python" | "pycuda"; default: either, see
+    `engines.cuda_mem.open_device_memory`). Raises BackendUnavailable (no tensorrt/CUDA seam/GPU),
     ModelLoadError (missing, stale or foreign plan).
     """
     trt = trt_api.import_tensorrt()
@@ -322,6 +331,10 @@ def open_tensorrt(path: Path, options: BackendOptions) -> TensorRTBackend:
     plan_path = Path(path)
     if not plan_path.is_file():
         raise ModelLoadError(f"{plan_path}: no such engine file")
+    if plan_path.suffix.lower() == ".onnx":
+        raise ModelLoadError(f"{plan_path} is an ONNX model, not a TensorRT plan: engines are built from it on "
+                             "the device (the agent does this itself for backend = \"tensorrt\"; "
+                             "engines.trt_build.build_engine by hand)")
     sidecar = read_sidecar(plan_path)
     built_with = str(sidecar["tensorrt_version"])
     if built_with != caps.version:
@@ -330,7 +343,9 @@ def open_tensorrt(path: Path, options: BackendOptions) -> TensorRTBackend:
     dla_core = _option_int(options, "dla_core")
     if dla_core is None and isinstance(sidecar.get("dla_core"), int):
         dla_core = int(sidecar["dla_core"])
-    memory = open_device_memory(_option_int(options, "device_index") or 0)
+    cuda_memory = options.extra.get("cuda_memory")
+    memory = open_device_memory(_option_int(options, "device_index") or 0,
+                                str(cuda_memory) if cuda_memory else None)
     try:
         backend = TensorRTBackend(trt, plan_path, sidecar, memory, dla_core)
     except BaseException:

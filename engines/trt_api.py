@@ -14,6 +14,9 @@ This is the only module that knows TensorRT's version differences. It holds:
   installed module and on the ONNX itself (`inspect_onnx`: Q/DQ nodes? float16 tensors?),
   and a request that cannot be met raises `PrecisionUnavailable` saying why.
 
+It is a little over 400 lines because the table is data (one row group per API family);
+keeping every version difference in one file is the point of the module.
+
 Sources for the table (read, not run: no GPU here):
   [bind-X]  NVIDIA/TensorRT python/src/infer/pyCore.cpp, pyInt8.cpp, pyOnnx.cpp and
             python/packaging/.../__init__.py at tags 8.5.3, v8.6.1, v10.3.0, v11.1.
@@ -33,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from engines.errors import BackendUnavailable, JetagentError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -45,9 +50,10 @@ ONLY_8 = frozenset({"8.5"})
 
 INSTALL_HINT = (
     "On a Jetson, TensorRT's Python bindings come with JetPack (apt package nvidia-tensorrt / "
-    "python3-libnvinfer) and pycuda builds from source against JetPack's CUDA "
-    "(PATH=/usr/local/cuda/bin:$PATH pip install pycuda). Create the agent's venv with "
-    "'python3 -m venv --system-site-packages' so the system tensorrt module is visible."
+    "python3-libnvinfer); device buffers need cuda-python (pip install 'cuda-python==<CUDA major.minor>.*') "
+    "or pycuda (built from source against JetPack's CUDA). scripts/install_jetson.sh sets up whichever "
+    "works. Create the agent's venv with 'python3 -m venv --system-site-packages' so the system "
+    "tensorrt module is visible."
 )
 
 
@@ -67,12 +73,15 @@ def _rows(families: frozenset[str], source: str, *names: str) -> tuple[ApiName, 
 # Enum classes: their dotted members are enum values, not methods.
 ENUMS = frozenset({
     "BuilderFlag", "NetworkDefinitionCreationFlag", "MemoryPoolType", "DeviceType",
-    "TensorIOMode", "DataType",
+    "TensorIOMode", "DataType", "TensorLocation",
 })
 
 API: tuple[ApiName, ...] = (
     # module level
     *_rows(ALL, "bind-X", "__version__", "nptype", "volume"),
+    # the plugin library (EfficientNMS_TRT, ...) registers itself only when asked, once per process,
+    # with a logger that must outlive it (a free function: no keep_alive) [bind-X pyPlugin.cpp]
+    *_rows(ALL, "bind-X", "init_libnvinfer_plugins"),
     *_rows(ALL, "bind-X", "Logger", "Logger.WARNING", "ILogger", "ILogger.log",
            "ILogger.INTERNAL_ERROR", "ILogger.ERROR", "ILogger.WARNING", "ILogger.INFO",
            "ILogger.VERBOSE"),
@@ -91,6 +100,9 @@ API: tuple[ApiName, ...] = (
            "ITimingCache.serialize", "IOptimizationProfile.set_shape", "IHostMemory",
            "MemoryPoolType.WORKSPACE", "BuilderFlag.GPU_FALLBACK", "DeviceType.GPU",
            "DeviceType.DLA"),
+    # TF32 is on by default ("Enabled by default", NvInfer.h at 8.6.1, 10.3.0 and 11.1): an FP32
+    # engine clears it [bind-X; NvInfer.h]
+    *_rows(ALL, "bind-X", "BuilderFlag.TF32", "IBuilderConfig.clear_flag", "IBuilderConfig.get_flag"),
     # weak typing and implicit quantization: gone in 11.x [mig11]
     *_rows(UP_TO_10, "bind-X, mig11", "BuilderFlag.INT8", "BuilderFlag.FP16",
            "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "IBuilderConfig.int8_calibrator",
@@ -109,9 +121,15 @@ API: tuple[ApiName, ...] = (
            "ICudaEngine.create_execution_context", "IExecutionContext.set_input_shape",
            "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
            "IExecutionContext.get_tensor_shape", "TensorIOMode.INPUT", "TensorIOMode.OUTPUT"),
+    # shape tensors live on the host: their address must be a host pointer [NvInferRuntime.h
+    # setTensorAddress; bind-X get_tensor_location, 8.5 on]
+    *_rows(ALL, "bind-X", "ICudaEngine.get_tensor_location", "TensorLocation.DEVICE", "TensorLocation.HOST"),
     *_rows(ALL, "bind-X", "DataType.FLOAT", "DataType.HALF", "DataType.INT8", "DataType.INT32",
            "DataType.BOOL", "DataType.UINT8"),
     *_rows(FROM_10, "bind-X", "DataType.INT64"),
+    # types numpy cannot hold: trt.nptype raises a bare TypeError on them (8.6 has FP8 too; the table
+    # lists it from 10 on, where the families agree) [bind-X pyFoundationalTypes.cpp, __init__.py]
+    *_rows(FROM_10, "bind-X", "DataType.BF16", "DataType.FP8", "DataType.INT4"),
     # the binding API, removed in 10.0 [mig10]; listed so nobody reaches for it
     *_rows(ONLY_8, "bind-X, mig10", "ICudaEngine.num_bindings", "ICudaEngine.get_binding_shape",
            "IExecutionContext.execute_async_v2", "Builder.build_engine",
@@ -229,6 +247,7 @@ _ROUTE_NEEDS: dict[str, tuple[str, ...]] = {
     "fp32": (),
 }
 _INFERENCE_NEEDS = (
+    "init_libnvinfer_plugins", "ICudaEngine.get_tensor_location",
     "Runtime.deserialize_cuda_engine", "ICudaEngine.num_io_tensors", "ICudaEngine.get_tensor_name",
     "ICudaEngine.get_tensor_mode", "ICudaEngine.get_tensor_shape", "ICudaEngine.get_tensor_dtype",
     "IExecutionContext.set_input_shape", "IExecutionContext.set_tensor_address",
@@ -274,6 +293,10 @@ class PrecisionUnavailable(BuildUnsupported):
     """The requested precision, or the route asked for, is not available here. Nothing was built."""
 
 
+class EngineBuildError(JetagentError):
+    """TensorRT failed while calibrating or building."""
+
+
 INT8_ROUTES = ("auto", "implicit-calibrator", "explicit-qdq")
 FP16_ROUTES = ("auto", "fp16-flag", "fp16-onnx")
 
@@ -286,16 +309,26 @@ class OnnxKinds:
     has_fp16: bool
 
 
-def inspect_onnx(path: Path) -> OnnxKinds | None:
-    """Look for Q/DQ nodes and float16 tensors. None when the onnx package is missing."""
+def load_onnx(path: Path) -> Any | None:
+    """The ONNX ModelProto (no external data), None when the onnx package is missing;
+    ModelLoadError when the file is not a readable ONNX model."""
     try:
         import onnx
     except ImportError:
         return None
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends
         raise ModelLoadError(f"{path}: not a readable ONNX model: {exc}") from exc
+
+
+def inspect_onnx(path: Path) -> OnnxKinds | None:
+    """Look for Q/DQ nodes and float16 tensors. None when the onnx package is missing."""
+    model = load_onnx(path)
+    if model is None:
+        return None
+    import onnx
+
     graph, fp16 = model.graph, onnx.TensorProto.FLOAT16
     ops = {node.op_type for node in graph.node}
     typed = [*graph.input, *graph.output, *graph.value_info]
@@ -361,3 +394,22 @@ def import_tensorrt() -> Any:
         return importlib.import_module("tensorrt")
     except ImportError as exc:
         raise BackendUnavailable(f"TensorRT is not importable here ({exc}). {INSTALL_HINT}") from exc
+
+
+# TensorRT DataType member name -> numpy dtype. BF16, FP8, INT4, FP4 and E8M0 have no numpy type.
+NUMPY_TYPES: dict[str, str] = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32",
+                               "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+
+
+def numpy_dtype(trt_type: Any, what: str) -> np.dtype[Any]:
+    """The numpy dtype of a TensorRT DataType, or ModelLoadError naming `what` and the type.
+
+    `trt.nptype` raises a bare TypeError on BF16/FP8/INT4 ("Could not resolve TensorRT
+    datatype"), which would escape as an internal error; this says which tensor and why.
+    """
+    name = str(getattr(trt_type, "name", trt_type))
+    if name not in NUMPY_TYPES:
+        raise ModelLoadError(f"{what} has TensorRT type {name}, which numpy cannot hold; jetagent feeds and "
+                             f"reads {', '.join(sorted(NUMPY_TYPES))} tensors only (export the model with "
+                             "float32 or float16 inputs and outputs)")
+    return np.dtype(NUMPY_TYPES[name])

@@ -6,8 +6,9 @@ builds exactly the precision asked for or raises; the fallback order
 
 * int8 "implicit-calibrator" (TensorRT 8.5-10.x): a float ONNX, a weakly typed network,
   BuilderFlag.INT8 and an IInt8EntropyCalibrator2/IInt8MinMaxCalibrator fed from
-  calibration batches. Deprecated in 10.1 and removed in 11.0 [TensorRT 11 migration
-  guide, "Removed Python APIs and Replacements"].
+  calibration batches (`engines.trt_calib`). Deprecated in 10.1 and removed in 11.0
+  [TensorRT 11 migration guide, "Removed Python APIs and Replacements"]. DLA requires the
+  entropy calibrator.
 * int8 "explicit-qdq" (10.x and 11.x; the only INT8 route on 11): the ONNX already holds
   QuantizeLinear/DequantizeLinear pairs; it is parsed into a STRONGLY_TYPED network and no
   precision flag is set ("Use explicit quantization with Strong Typing. Precision-control
@@ -18,66 +19,82 @@ builds exactly the precision asked for or raises; the fallback order
   (`python -m modelopt.onnx.autocast --onnx_path m.onnx --output_path m_fp16.onnx`) and
   build it strongly typed. We require the ONNX to hold float16 tensors, so an FP32 ONNX is
   never reported as FP16.
-* fp32: no precision flags (weakly typed on 8.5/10, strongly typed on 11).
+* fp32: no precision flags (weakly typed on 8.5/10, strongly typed on 11), and TF32
+  cleared: TensorRT enables it by default, which would round FP32 matrix inputs to 10 bits.
 
-The ONNX is inspected first, so a QDQ model is never built as "fp32" and a float model
-never as "explicit-qdq". The plan and its sidecar `<plan>.json` (the BuildReport) are
-written atomically; the sidecar is how `engines.tensorrt` learns the precision.
+Every build sets a workspace limit (TensorRT's default is all device memory, which on a
+Jetson is all of the shared RAM: the build process is OOM-killed), gives TensorRT the
+process's one logger (`engines.trt_logger`), and adds an optimization profile when the
+network has dynamic inputs (`engines.trt_profiles`). The ONNX is inspected first, so a
+QDQ model is never built as "fp32" and a float model never as "explicit-qdq". The plan
+and its sidecar `<plan>.json` (the BuildReport) are written atomically; the sidecar is
+how `engines.tensorrt` learns the precision.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from engines import trt_api
 from engines.base import PRECISIONS
-from engines.cuda_mem import DeviceBuffer, DeviceMemory, open_device_memory
+from engines.cuda_mem import DeviceMemory, open_device_memory
 from engines.errors import BackendUnavailable, JetagentError, ModelLoadError
 from engines.fileio import atomic_write_bytes, sha256_file
-from engines.tensorrt import SIDECAR_FORMAT, compose, new_log_relay, write_sidecar
+from engines.tensorrt import SIDECAR_FORMAT, write_sidecar
 from engines.trt_api import (
     FP16_ROUTES,
     INT8_ROUTES,
     BuildUnsupported,
     Capabilities,
+    EngineBuildError,
     OnnxKinds,
     PrecisionUnavailable,
     choose_route,
     code_path,
     inspect_onnx,
+    numpy_dtype,
 )
+from engines.trt_calib import CALIBRATORS, BatchSource, CalibrationFeed, calibration_batches, calibrator_class
+from engines.trt_logger import LogRelay, plugins_ready, process_logger
+from engines.trt_profiles import ProfileError, ProfileShapes, calibration_shape, resolve_profile
 
 __all__ = [
     "FP16_ROUTES", "INT8_ROUTES", "BuildReport", "BuildRequest", "BuildUnsupported", "CalibrationFeed",
-    "EngineBuildError", "OnnxKinds", "PrecisionUnavailable", "build_engine", "calibration_batches",
-    "choose_route", "inspect_onnx",
+    "EngineBuildError", "OnnxKinds", "PrecisionUnavailable", "ProfileShapes", "build_engine",
+    "calibration_batches", "choose_route", "default_workspace_bytes", "inspect_onnx",
 ]
 
 logger = logging.getLogger(__name__)
 
-
-class EngineBuildError(JetagentError):
-    """TensorRT failed while calibrating or building."""
-
-
 Shape = tuple[int, ...]
-Batch = np.ndarray | Mapping[str, np.ndarray]
-BatchSource = str | Path | Callable[[], Iterable[Batch]]
 
-CALIBRATORS = ("entropy", "minmax")
+MIN_DEFAULT_WORKSPACE = 256 << 20
+MAX_DEFAULT_WORKSPACE = 2 << 30
+
+
+def default_workspace_bytes(total_memory: int) -> int:
+    """The WORKSPACE limit when none is asked for: an eighth of device memory, 256 MiB to 2 GiB.
+
+    TensorRT's own default is all of it; on a Jetson device memory is the system's RAM
+    (8 GB on an Orin Nano/NX), so an unbounded build gets the build process OOM-killed.
+    """
+    return int(min(max(total_memory // 8, MIN_DEFAULT_WORKSPACE), MAX_DEFAULT_WORKSPACE))
 
 
 @dataclass(frozen=True)
 class BuildRequest:
     """What to build. `calibration` is a directory of .npy (single-input models) or .npz
-    (one array per input name) batches, or a callable returning an iterable of batches."""
+    (one array per input name) batches, or a callable returning an iterable of batches.
+
+    `profile_shapes`: {input name: ProfileShapes or (min, opt, max)}; needed for every input
+    with a dynamic dimension (static inputs not named keep their shape). `cuda_memory`:
+    "cuda-python", "pycuda" or None (auto, see `engines.cuda_mem.open_device_memory`).
+    """
 
     precision: str = "fp32"
     int8_route: str = "auto"
@@ -87,11 +104,12 @@ class BuildRequest:
     calibrator: str = "entropy"
     max_calibration_batches: int | None = None
     int8_fp16_fallback: bool = True  # implicit route: layers left out of INT8 may run FP16
-    workspace_bytes: int | None = None
+    workspace_bytes: int | None = None  # None: default_workspace_bytes(device memory)
     dla_core: int | None = None  # with GPU fallback for layers DLA cannot run
     timing_cache: Path | None = None  # loaded if present, saved after the build
-    profile_shapes: Mapping[str, tuple[Shape, Shape, Shape]] | None = None  # name -> (min, opt, max)
+    profile_shapes: Mapping[str, ProfileShapes | tuple[Shape, Shape, Shape]] | None = None
     device_index: int = 0
+    cuda_memory: str | None = None
 
     def validate(self) -> None:
         """Raise JetagentError naming the first bad field."""
@@ -107,11 +125,13 @@ class BuildRequest:
                 raise JetagentError(f"build request {key} must be positive, got {value}")
         if self.dla_core is not None and self.dla_core < 0:
             raise JetagentError(f"build request dla_core must be >= 0, got {self.dla_core}")
-        for name, triple in (self.profile_shapes or {}).items():
-            if len(triple) != 3 or len({len(s) for s in triple}) != 1 or not all(
-                    lo <= mid <= hi for lo, mid, hi in zip(*triple, strict=True)):
-                raise JetagentError(f"build request profile_shapes[{name!r}] must be (min, opt, max) "
-                                    f"shapes of one rank with min <= opt <= max, got {triple}")
+        self.profiles()
+
+    def profiles(self) -> dict[str, ProfileShapes] | None:
+        """`profile_shapes` as ProfileShapes (raises ProfileError, a JetagentError, when malformed)."""
+        if not self.profile_shapes:
+            return None
+        return {name: ProfileShapes.coerce(value, name) for name, value in self.profile_shapes.items()}
 
 
 @dataclass
@@ -135,131 +155,14 @@ class BuildReport:
     timing_cache: str = "none"  # none | loaded | fresh | rejected-fresh
     mixed_with: list[str] = field(default_factory=list)  # lower precisions TensorRT may also use
     warnings: list[str] = field(default_factory=list)
+    workspace_bytes: int = 0
+    tf32: bool = False  # FP32 layers may compute in TF32
+    profile: dict[str, list[list[int]]] | None = None  # input -> [min, opt, max]
+    plugins: bool = False  # init_libnvinfer_plugins succeeded in the build process
+    cuda_memory: str = ""  # the CUDA seam that held the calibration buffers
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": SIDECAR_FORMAT, **asdict(self)}
-
-
-def calibration_batches(source: BatchSource, inputs: Mapping[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    """Yield {input name: array} batches from a directory of .npy/.npz files or a callable."""
-    single = next(iter(inputs)) if len(inputs) == 1 else None
-    if callable(source):
-        items: Iterable[Batch] = source()
-    else:
-        folder = Path(source)
-        files = sorted(p for p in folder.glob("*") if p.suffix in (".npy", ".npz")) if folder.is_dir() else []
-        if not files:
-            raise EngineBuildError(f"{folder}: no .npy or .npz calibration batches")
-        items = (_load_batch(p) for p in files)
-    for item in items:
-        if isinstance(item, np.ndarray):
-            if single is None:
-                raise EngineBuildError(f"a bare array cannot feed a model with inputs {sorted(inputs)}; "
-                                       "give {name: array} batches (.npz)")
-            item = {single: item}
-        missing = sorted(set(inputs) - set(item))
-        if missing:
-            raise EngineBuildError(f"calibration batch lacks inputs {missing}")
-        yield {name: np.asarray(item[name]) for name in inputs}
-
-
-def _load_batch(path: Path) -> Batch:
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    array: np.ndarray = np.load(path, allow_pickle=False)
-    return array
-
-
-class CalibrationFeed:
-    """Behaviour of jetagent's INT8 calibrator: batches -> device memory -> TensorRT.
-
-    TensorRT needs a subclass of its own IInt8EntropyCalibrator2 (or MinMax) class, which
-    exists only once tensorrt is imported, and this module must import without it. So the
-    whole calibrator lives here at module level, and `_calibrator_class` only composes it
-    with the TensorRT base (this class first in the MRO, so its methods are the overrides).
-    TensorRT calls these methods from C++; an exception there is only printed, so errors
-    are kept in `self.error` and checked after the build.
-    """
-
-    def __init__(self, batches: Iterator[dict[str, np.ndarray]], memory: DeviceMemory,
-                 dtypes: Mapping[str, np.dtype[Any]], cache_path: Path | None,
-                 max_batches: int | None) -> None:
-        super().__init__()  # the TensorRT (pybind11) base must be initialised explicitly
-        self._batches, self._memory, self._dtypes = batches, memory, dict(dtypes)
-        self._cache_path, self._max = cache_path, max_batches
-        self._buffers: dict[str, DeviceBuffer] = {}
-        self._peeked: dict[str, np.ndarray] | None = None
-        self.batches_fed = 0
-        self.cache_read = False
-        self.error: str | None = None
-
-    def _next(self) -> dict[str, np.ndarray] | None:
-        if self._peeked is not None:
-            batch, self._peeked = self._peeked, None
-            return batch
-        return next(self._batches, None)
-
-    def get_batch_size(self) -> int:
-        # Explicit-batch networks carry the batch in the input shape; report the leading dimension.
-        try:
-            if self._peeked is None:
-                self._peeked = next(self._batches, None)
-            first = next(iter(self._peeked.values())) if self._peeked else None
-            return int(first.shape[0]) if first is not None and first.ndim else 1
-        except Exception as exc:
-            self.error = f"reading the first calibration batch: {exc}"
-            return 1
-
-    def get_batch(self, names: list[str]) -> list[int] | None:
-        if self.error is not None or (self._max is not None and self.batches_fed >= self._max):
-            return None
-        try:
-            batch = self._next()
-            if batch is None:
-                return None
-            pointers = []
-            for name in names:
-                array = np.ascontiguousarray(batch[name], dtype=self._dtypes.get(name, np.float32))
-                buffer = self._buffers.get(name)
-                if buffer is None or buffer.nbytes < array.nbytes:
-                    if buffer is not None:
-                        self._memory.free(buffer)
-                    buffer = self._buffers[name] = self._memory.alloc(array.nbytes)
-                self._memory.copy_to_device(buffer, array)
-                pointers.append(buffer.ptr)
-            self._memory.synchronize()  # TensorRT reads the buffers as soon as we return
-            self.batches_fed += 1
-            return pointers
-        except Exception as exc:
-            self.error = f"calibration batch {self.batches_fed + 1}: {exc}"
-            logger.error("%s", self.error)
-            return None
-
-    def read_calibration_cache(self) -> bytes | None:
-        path = self._cache_path
-        if path is None or not path.is_file() or path.stat().st_size == 0:
-            return None
-        self.cache_read = True
-        return path.read_bytes()
-
-    def write_calibration_cache(self, cache: Any) -> None:
-        if self._cache_path is not None:
-            try:
-                atomic_write_bytes(self._cache_path, bytes(cache))
-            except OSError as exc:
-                self.error = f"writing calibration cache {self._cache_path}: {exc}"
-
-    def free(self) -> None:
-        for buffer in self._buffers.values():
-            self._memory.free(buffer)
-        self._buffers.clear()
-
-
-@code_path("implicit-calibrator")
-def _calibrator_class(trt: Any, algorithm: str) -> type:
-    return compose(CalibrationFeed, trt.IInt8MinMaxCalibrator if algorithm == "minmax"
-                    else trt.IInt8EntropyCalibrator2)
 
 
 def _dims(dims: Any) -> Shape:
@@ -312,22 +215,15 @@ def _configure_dla(trt: Any, builder: Any, config: Any, request: BuildRequest, w
     warnings.append(f"DLA core {core}: layers DLA cannot run fall back to the GPU")
 
 
-def _add_profile(builder: Any, config: Any, inputs: Mapping[str, tuple[Shape, Any]],
-                 shapes: Mapping[str, tuple[Shape, Shape, Shape]] | None) -> Any:
-    dynamic = sorted(name for name, (shape, _) in inputs.items() if any(d < 0 for d in shape))
-    if not shapes:
-        if dynamic:
-            raise BuildUnsupported(f"inputs {dynamic} have dynamic dimensions; give profile_shapes "
-                                   "(min, opt, max) for them")
+def _add_profile(builder: Any, config: Any, ranges: Mapping[str, ProfileShapes] | None) -> Any:
+    if ranges is None:
         return None
-    unknown = sorted(set(shapes) - set(inputs))
-    if unknown:
-        raise BuildUnsupported(f"profile_shapes names unknown inputs {unknown}; inputs are {sorted(inputs)}")
     profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in shapes.items():
-        profile.set_shape(name, low, opt, high)
+    for name, shapes in ranges.items():
+        profile.set_shape(name, shapes.min, shapes.opt, shapes.max)
     if config.add_optimization_profile(profile) < 0:
-        raise BuildUnsupported(f"TensorRT rejected the optimization profile {dict(shapes)}")
+        raise BuildUnsupported(f"TensorRT rejected the optimization profile "
+                               f"{ {n: p.to_json() for n, p in ranges.items()} }")
     return profile
 
 
@@ -337,19 +233,24 @@ def _configure_fp16_flag(trt: Any, config: Any) -> None:
 
 
 @code_path("implicit-calibrator")
-def _configure_implicit_int8(trt: Any, config: Any, profile: Any, request: BuildRequest, memory: DeviceMemory,
-                             inputs: Mapping[str, tuple[Shape, Any]]) -> CalibrationFeed:
-    dtypes = {name: np.dtype(trt.nptype(dtype)) for name, (_, dtype) in inputs.items()}
+def _configure_implicit_int8(trt: Any, config: Any, profile: Any, request: BuildRequest,
+                             memory: DeviceMemory, inputs: Mapping[str, tuple[Shape, Any]],
+                             ranges: Mapping[str, ProfileShapes] | None) -> CalibrationFeed:
+    dtypes = {name: numpy_dtype(dtype, f"input {name!r}") for name, (_, dtype) in inputs.items()}
+    shapes = {name: calibration_shape(shape, (ranges or {}).get(name)) for name, (shape, _) in inputs.items()}
+    why = "the calibration profile's OPT shape" if profile is not None else "the network's input shape"
     source = request.calibration
     batches = calibration_batches(source, inputs) if source is not None else iter(())
-    feed: CalibrationFeed = _calibrator_class(trt, request.calibrator)(
-        batches, memory, dtypes, request.calibration_cache, request.max_calibration_batches)
+    feed: CalibrationFeed = calibrator_class(trt, request.calibrator)(
+        batches, memory, dtypes, shapes, request.calibration_cache, request.max_calibration_batches, why)
     config.set_flag(trt.BuilderFlag.INT8)
     if request.int8_fp16_fallback:
         config.set_flag(trt.BuilderFlag.FP16)
     config.int8_calibrator = feed
-    if profile is not None:
-        config.set_calibration_profile(profile)  # dynamic shapes: calibrate with the build profile
+    if profile is not None and not config.set_calibration_profile(profile):
+        # Dynamic shapes: TensorRT calibrates with this profile's OPT shapes, or not at all.
+        raise EngineBuildError(f"TensorRT refused the calibration profile "
+                               f"{ {n: p.to_json() for n, p in (ranges or {}).items()} }")
     return feed
 
 
@@ -364,14 +265,27 @@ def _attach_timing_cache(config: Any, path: Path | None) -> str:
     return "rejected-fresh"
 
 
+def _parse(trt: Any, network: Any, relay: LogRelay, onnx_path: Path, version: str) -> dict[str, tuple[Shape, Any]]:
+    parser = trt.OnnxParser(network, relay)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelLoadError(f"{onnx_path}: TensorRT {version}'s ONNX parser rejected it: {errors}")
+    inputs = {}
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        inputs[tensor.name] = (_dims(tensor.shape), tensor.dtype)
+    return inputs
+
+
 def _build_with_tensorrt(trt: Any, caps: Capabilities, onnx_path: Path, plan_path: Path,
-                        request: BuildRequest, route: str, memory: DeviceMemory) -> BuildReport:
+                         request: BuildRequest, route: str, memory: DeviceMemory) -> BuildReport:
     """The TensorRT part of build_engine; the CUDA context is current."""
     started = time.monotonic()
     info = memory.info
     device = f"{info.name} (sm_{info.compute_capability[0]}{info.compute_capability[1]})"
     warnings: list[str] = []
-    relay = new_log_relay(trt)
+    relay = process_logger(trt)
+    mark = relay.mark()
     builder = trt.Builder(relay)
     if request.precision != "fp32":
         if caps.platform_queries:
@@ -380,26 +294,26 @@ def _build_with_tensorrt(trt: Any, caps: Capabilities, onnx_path: Path, plan_pat
             warnings.append(f"TensorRT {caps.version} cannot report fast {request.precision.upper()} "
                             f"(platform queries were removed in 11.0); trusting {device}")
     network = _create_network(trt, builder, caps, route)
-    parser = trt.OnnxParser(network, relay)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ModelLoadError(f"{onnx_path}: TensorRT {caps.version}'s ONNX parser rejected it: {errors}")
-    inputs = {}
-    for index in range(network.num_inputs):
-        tensor = network.get_input(index)
-        inputs[tensor.name] = (_dims(tensor.shape), tensor.dtype)
+    inputs = _parse(trt, network, relay, onnx_path, caps.version)
+    try:
+        ranges = resolve_profile({name: shape for name, (shape, _) in inputs.items()}, request.profiles())
+    except ProfileError as exc:
+        raise BuildUnsupported(str(exc)) from None
     config = builder.create_builder_config()
-    if request.workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, request.workspace_bytes)
-    profile = _add_profile(builder, config, inputs, request.profile_shapes)
+    workspace = request.workspace_bytes or default_workspace_bytes(info.total_memory)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if route == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # "fp32" means FP32, not TF32
+    profile = _add_profile(builder, config, ranges)
     _configure_dla(trt, builder, config, request, warnings)
     feed = None
     mixed_with = []
     if route == "implicit-calibrator":
-        feed = _configure_implicit_int8(trt, config, profile, request, memory, inputs)
+        feed = _configure_implicit_int8(trt, config, profile, request, memory, inputs, ranges)
         mixed_with = ["fp16"] if request.int8_fp16_fallback else []
     elif route == "fp16-flag":
         _configure_fp16_flag(trt, config)
+    tf32 = bool(config.get_flag(trt.BuilderFlag.TF32))
     timing = _attach_timing_cache(config, request.timing_cache) if request.timing_cache else "none"
     try:
         plan = builder.build_serialized_network(network, config)
@@ -410,9 +324,10 @@ def _build_with_tensorrt(trt: Any, caps: Capabilities, onnx_path: Path, plan_pat
         raise EngineBuildError(f"INT8 calibration failed: {feed.error}")
     if feed is not None and feed.batches_fed == 0 and not feed.cache_read:
         raise EngineBuildError("INT8 calibration got no batches and no calibration cache")
+    said = relay.since(mark)
     if plan is None:
         raise EngineBuildError(f"TensorRT {caps.version} could not build {onnx_path.name} as "
-                               f"{request.precision} via {route}: {' | '.join(relay.messages[-5:])}")
+                               f"{request.precision} via {route}: {' | '.join(said[-5:]) or 'no message'}")
     data = bytes(plan)
     atomic_write_bytes(plan_path, data)
     if request.timing_cache is not None:
@@ -426,15 +341,17 @@ def _build_with_tensorrt(trt: Any, caps: Capabilities, onnx_path: Path, plan_pat
         plan_path=str(plan_path), plan_sha256=sha256_file(plan_path), plan_bytes=len(data),
         calibration_batches=feed.batches_fed if feed else 0,
         calibration_cache_used=bool(feed and feed.cache_read), timing_cache=timing,
-        mixed_with=mixed_with, warnings=warnings + relay.messages,
+        mixed_with=mixed_with, warnings=warnings + said, workspace_bytes=workspace, tf32=tf32,
+        profile={n: p.to_json() for n, p in ranges.items()} if ranges else None,
+        plugins=plugins_ready(trt), cuda_memory=getattr(memory, "implementation", ""),
     )
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, request: BuildRequest) -> BuildReport:
     """Build `onnx_path` into `plan_path` (+ sidecar) exactly as requested, or raise.
 
-    Raises BackendUnavailable (no tensorrt/pycuda/GPU), ModelLoadError (unreadable ONNX or
-    rejected by TensorRT's parser), PrecisionUnavailable / BuildUnsupported (not possible
+    Raises BackendUnavailable (no tensorrt/CUDA seam/GPU), ModelLoadError (unreadable ONNX
+    or rejected by TensorRT's parser), PrecisionUnavailable / BuildUnsupported (not possible
     here; says why), EngineBuildError (calibration or the build failed).
     """
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
@@ -448,11 +365,15 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, request: BuildReq
                                  "jetagent builds with TensorRT 8.5 or later")
     kinds = inspect_onnx(onnx_path)
     route = choose_route(caps, request.precision, kinds, request.int8_route, request.fp16_route)
-    if route == "implicit-calibrator" and request.calibration is None and not (
-            request.calibration_cache and request.calibration_cache.is_file()):
-        raise BuildUnsupported("implicit INT8 calibration needs calibration batches or an existing "
-                               "calibration cache")
-    memory = open_device_memory(request.device_index)
+    if route == "implicit-calibrator":
+        if request.dla_core is not None and request.calibrator != "entropy":
+            raise BuildUnsupported(f"DLA requires the entropy calibrator (IInt8EntropyCalibrator2); "
+                                   f"calibrator={request.calibrator!r} was asked for with dla_core="
+                                   f"{request.dla_core}")
+        if request.calibration is None and not (request.calibration_cache and request.calibration_cache.is_file()):
+            raise BuildUnsupported("implicit INT8 calibration needs calibration batches or an existing "
+                                   "calibration cache")
+    memory = open_device_memory(request.device_index, request.cuda_memory)
     try:
         with memory.activate():
             report = _build_with_tensorrt(trt, caps, onnx_path, plan_path, request, route, memory)

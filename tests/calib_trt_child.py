@@ -4,17 +4,19 @@
 
 VERSION: the stand-in TensorRT version. MODE: "ok", or a way to fail: "crash" (SIGKILL
 itself, as the OOM killer would), "hang" (never finish), "silent" (exit 0 with no
-output). LOG: a file that gets one line per command run ("-" for none), so tests can
+output), "exit-crash" (finish the build, report it, then die of SIGSEGV at exit, as a
+TensorRT teardown can), "exit-crash-torn" (the same, but the plan on disk is cut short
+first). LOG: a file that gets one line per command run ("-" for none), so tests can
 count builds.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import time
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,11 +29,7 @@ from calibration import trt_child  # noqa: E402
 def install(version: str) -> None:
     gpu = trt_standins.FakeGpu()
     sys.modules["tensorrt"] = trt_standins.make_tensorrt(version, gpu=gpu)
-    driver = trt_standins.make_pycuda_driver(gpu)
-    package = types.ModuleType("pycuda")
-    package.driver = driver  # type: ignore[attr-defined]
-    sys.modules["pycuda"] = package
-    sys.modules["pycuda.driver"] = driver
+    trt_standins.install_pycuda(sys.modules, gpu)
 
 
 def main() -> int:
@@ -48,7 +46,13 @@ def main() -> int:
         if mode == "silent":
             return 0
     install(version)
-    return trt_child.main(args)
+    status = trt_child.main(args)
+    if args[0] == "build" and mode.startswith("exit-crash"):
+        if mode == "exit-crash-torn":
+            plan = Path(json.loads(Path(args[1]).read_text())["plan"])
+            plan.write_bytes(plan.read_bytes()[:5])
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return status
 
 
 if __name__ == "__main__":

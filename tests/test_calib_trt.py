@@ -98,8 +98,9 @@ def test_int8_on_tensorrt_10_serves_and_a_restart_builds_nothing(
         QDQ_MINMAX.name: "passed", IMPLICIT.name: "passed", "fp16-trt": "skipped", "fp32-trt": "skipped"}
     assert d.engine_path.name == "engine.plan" and (d.engine_path.parent / "engine.plan.json").is_file()
     sidecar = json.loads((d.engine_path.parent / "engine.plan.cache.json").read_text())
-    assert sidecar["fingerprint"]["device"] == {"kind": "gpu", "name": "Stand-in Orin", "compute_capability": "8.7",
-                                                "l4t": sidecar["fingerprint"]["device"]["l4t"]}
+    device = sidecar["fingerprint"]["device"]
+    assert device == {"kind": "gpu", "name": "Stand-in Orin", "compute_capability": "8.7", "l4t": device["l4t"],
+                      "board": device["board"], "multiprocessors": 8, "memory_gib": 8, "cuda": "12.6"}
     assert sidecar["fingerprint"]["backend_version"] == "10.3.0.30"
     assert sidecar["metadata"]["precision_built"] == "int8"
     routes = {c["name"]: json.loads((Path(c["artifact"]).parent / "engine.plan.cache.json").read_text())

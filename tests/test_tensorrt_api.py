@@ -26,7 +26,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import trt_standins
-from engines import cuda_mem, tensorrt, trt_api, trt_build
+from engines import cuda_mem, tensorrt, trt_api, trt_build, trt_logger
 from engines.base import BackendOptions, open_backend
 from engines.errors import BackendUnavailable, InferenceError, JetagentError, ModelLoadError
 from engines.fileio import sha256_file
@@ -544,7 +544,7 @@ def test_pycuda_memory_uses_the_primary_context(monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(ValueError, match="do not fit"):
             memory.copy_to_device(buffer, np.zeros(13, np.float32))
     np.testing.assert_array_equal(host, np.arange(12, dtype=np.float32))
-    assert memory.stream_handle == 0x5EED and driver._stack == []
+    assert memory.stream_handle == 0x5EED and driver._stack() == []
     memory.close()
     memory.close()
     calls = driver._calls
@@ -559,7 +559,8 @@ def test_pycuda_memory_uses_the_primary_context(monkeypatch: pytest.MonkeyPatch)
 
 # ---- imports with the GPU stack absent --------------------------------------------------------------
 
-MODULES = ("engines.trt_api", "engines.cuda_mem", "engines.tensorrt", "engines.trt_build")
+MODULES = ("engines.trt_api", "engines.cuda_mem", "engines.cuda_python", "engines.tensorrt", "engines.trt_build",
+           "engines.trt_calib", "engines.trt_logger", "engines.trt_profiles")
 
 
 def test_modules_import_and_fail_clearly_without_tensorrt_or_pycuda(monkeypatch: pytest.MonkeyPatch,
@@ -589,7 +590,8 @@ RECEIVERS = {
     "timing_cache": "ITimingCache", "runtime": "Runtime", "engine": "ICudaEngine",
     "context": "IExecutionContext",
 }
-SOURCES = [ROOT / "engines" / f"{name}.py" for name in ("tensorrt", "trt_build", "trt_api", "cuda_mem")]
+SOURCES = [ROOT / "engines" / f"{name}.py" for name in ("tensorrt", "trt_build", "trt_api", "trt_calib", "trt_logger",
+                                                        "trt_profiles", "cuda_mem", "cuda_python")]
 
 
 def _receiver(node: ast.expr) -> str | None:
@@ -692,4 +694,4 @@ def test_overrides_match_what_tensorrt_calls() -> None:
     calibrator = {row.name.split(".")[1] for row in trt_api.API
                   if row.name.startswith("IInt8EntropyCalibrator2.")}
     assert calibrator <= set(vars(trt_build.CalibrationFeed))
-    assert "log" in vars(tensorrt.LogRelay) and "ILogger.log" in trt_api.API_BY_NAME
+    assert "log" in vars(trt_logger.LogRelay) and "ILogger.log" in trt_api.API_BY_NAME
